@@ -1,0 +1,554 @@
+"""RMT, a robust multimodal transformer for pneumonia severity from a chest X-ray and clinical text.
+
+The architecture follows MMBT (Kiela et al., 2019, "Supervised Multimodal Bitransformers for
+Classifying Images and Text"): a CNN feature map is average-pooled into a few regions, each region is
+projected to the width of a BERT encoder, and the resulting image embeddings join the text tokens in
+one input sequence. RMT adds three CLS tokens (image, text, multimodal), mask attention, and a
+multi-task loss over one linear head per CLS, so that a sample without its X-ray or its notes is still
+answered by the head that matches the modalities it has.
+
+Joint sequence (length 1 + (N + 1) + L, N image embeddings, L text tokens including the text CLS):
+
+    [multimodal CLS] [image CLS] [image_1 .. image_N] [text CLS = tokenizer CLS] [text tokens ..]
+    position ids:   0            0        1 .. N               0                  1 .. L - 1
+    token types:    0            0        0 .. 0               1                  1 .. 1
+
+The image side and the text side each restart their position ids at 0, as MMBT does, so that the text
+side sees exactly the positions a pretrained BERT saw.
+"""
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+try:
+    from .configuration_rmt import RMTConfig
+except ImportError:  # imported as a top-level module from a source checkout
+    from configuration_rmt import RMTConfig
+
+IMAGE_PRESENT, TEXT_PRESENT = 0, 1
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_rmt.RMTConfig",
+    "AutoModel": "modeling_rmt.RMTModel",
+    "AutoModelForSequenceClassification": "modeling_rmt.RMTForMultimodalClassification",
+}
+
+
+@dataclass
+class RMTModelOutput(ModelOutput):
+    """
+    Output of [`RMTModel`].
+
+    Args:
+        image_cls_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Final state of the image CLS.
+        text_cls_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Final state of the text CLS.
+        multimodal_cls_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Final state of the multimodal CLS.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Final states of the whole joint sequence from the multimodal pass.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            States of the multimodal pass after the embeddings and after each layer, returned with
+            `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention weights of the multimodal pass, one `(batch_size, num_heads, sequence_length,
+            sequence_length)` tensor per layer, returned with `output_attentions=True` and the eager attention.
+        modality_mask (`torch.BoolTensor` of shape `(batch_size, 2)`):
+            The validated modality mask: column 0 image present, column 1 text present.
+    """
+
+    image_cls_state: torch.FloatTensor | None = None
+    text_cls_state: torch.FloatTensor | None = None
+    multimodal_cls_state: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    modality_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class RMTClassifierOutput(ModelOutput):
+    """
+    Output of [`RMTForMultimodalClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Task-weighted sum of the image, text and multimodal cross-entropies, returned with `labels`.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Per sample, the logits of the head that matches its `modality_mask`: image head for image-only
+            samples, text head for text-only samples, multimodal head for complete samples. With
+            `use_multitask=False` every sample is answered by the multimodal head.
+        image_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Image-head logits. For a sample without an image they are a constant of the weights.
+        text_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Text-head logits. For a sample without text they are a constant of the weights.
+        multimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Multimodal-head logits, computed with the absent modality masked.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            See [`RMTModelOutput`].
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            See [`RMTModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    multimodal_logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def pooling_grid(num_regions: int) -> tuple[int, int]:
+    """Return `(rows, columns)` with `rows * columns == num_regions`, as square as possible, rows first.
+
+    A prime count gives horizontal bands (3 -> upper, middle and lower lung zones).
+    """
+    columns = max(d for d in range(1, int(num_regions**0.5) + 1) if num_regions % d == 0)
+    return num_regions // columns, columns
+
+
+class RMTImageEncoder(nn.Module):
+    """CNN feature map pooled into `num_image_embeddings` regions and projected to the encoder width.
+
+    Equivalent to MMBT's image encoder with any timm backbone in place of the fixed ResNet-152.
+    """
+
+    def __init__(self, config: RMTConfig):
+        super().__init__()
+        # Pretrained CNN weights are loaded by `RMTForMultimodalClassification.from_backbones`, never here, so
+        # that `from_pretrained` does not download weights that the checkpoint already holds.
+        self.backbone = timm.create_model(config.image_model_name, pretrained=False, num_classes=0, global_pool="")
+        self.pool = nn.AdaptiveAvgPool2d(pooling_grid(config.num_image_embeddings))
+        self.projection = nn.Linear(self.backbone.num_features, config.hidden_size)
+        for module in self.backbone.modules():
+            module._rmt_timm_initialized = True
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Map `(batch, 3, height, width)` pixels to `(batch, num_image_embeddings, hidden_size)`."""
+        feature_map = self.backbone.forward_features(pixel_values)
+        regions = self.pool(feature_map).flatten(2).transpose(1, 2)
+        return self.projection(regions)
+
+
+@dataclass
+class JointSequence:
+    """Inputs of the encoder for the joint sequence, and where each part sits in it."""
+
+    inputs_embeds: torch.Tensor
+    token_type_ids: torch.Tensor
+    position_ids: torch.Tensor
+    key_visible: torch.Tensor
+    image_side: slice
+    text_side: slice
+
+
+class RMTEmbeddings(nn.Module):
+    """Token vectors of the joint sequence before the encoder adds its position and token-type embeddings.
+
+    The multimodal and image CLS vectors are learned. Image embeddings come from [`RMTImageEncoder`]. Text
+    vectors are the encoder's own word embeddings of `input_ids`, so the text CLS is the tokenizer's CLS
+    token. The inputs of an absent modality are replaced by zeros, so they can change no output.
+    """
+
+    MULTIMODAL_CLS, IMAGE_CLS = 0, 1
+
+    def __init__(self, config: RMTConfig):
+        super().__init__()
+        self.image_encoder = RMTImageEncoder(config)
+        self.cls_embeddings = nn.Embedding(2, config.hidden_size)
+        self.num_image_embeddings = config.num_image_embeddings
+        self.hidden_size = config.hidden_size
+
+    def embed_images(self, pixel_values: torch.Tensor | None, image_present: torch.Tensor) -> torch.Tensor:
+        """Return `(batch, N, hidden)` image embeddings, zeros where the image is absent.
+
+        The CNN runs on the present images only, so absent rows never reach its batch-norm statistics.
+        """
+        batch_size = image_present.shape[0]
+        dtype = self.cls_embeddings.weight.dtype
+        image_embeds = torch.zeros(
+            batch_size, self.num_image_embeddings, self.hidden_size, device=image_present.device, dtype=dtype
+        )
+        if pixel_values is not None and image_present.any():
+            features = self.image_encoder(pixel_values[image_present])
+            image_embeds = image_embeds.index_put((image_present.nonzero(as_tuple=True)[0],), features.to(dtype))
+        return image_embeds
+
+    def forward(
+        self,
+        word_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        modality_mask: torch.Tensor,
+    ) -> JointSequence:
+        batch_size, text_length = word_embeds.shape[:2]
+        device = word_embeds.device
+        image_present = modality_mask[:, IMAGE_PRESENT]
+        text_present = modality_mask[:, TEXT_PRESENT]
+
+        cls_ids = torch.tensor([self.MULTIMODAL_CLS, self.IMAGE_CLS], device=device)
+        cls_vectors = self.cls_embeddings(cls_ids).unsqueeze(0).expand(batch_size, -1, -1)
+        image_embeds = self.embed_images(pixel_values, image_present)
+        text_embeds = word_embeds * text_present[:, None, None].to(cls_vectors.dtype)
+        inputs_embeds = torch.cat([cls_vectors, image_embeds, text_embeds], dim=1)
+
+        image_side_length = 1 + self.num_image_embeddings
+        image_side = slice(1, 1 + image_side_length)
+        text_side = slice(image_side.stop, image_side.stop + text_length)
+        position_ids = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long, device=device),
+                torch.arange(image_side_length, device=device),
+                torch.arange(text_length, device=device),
+            ]
+        ).expand(batch_size, -1)
+        token_type_ids = torch.zeros_like(position_ids)
+        token_type_ids[:, text_side] = 1
+
+        # Keys of an absent modality are hidden from every query. The multimodal CLS is always visible, so no
+        # query row is ever fully masked (which would turn the softmax into NaN).
+        text_keys = attention_mask.bool() & text_present[:, None]
+        image_keys = image_present[:, None].expand(-1, image_side_length)
+        always = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        key_visible = torch.cat([always, image_keys, text_keys], dim=1)
+
+        return JointSequence(inputs_embeds, token_type_ids, position_ids, key_visible, image_side, text_side)
+
+
+def additive_key_mask(key_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a `(batch, keys)` visibility mask into the `(batch, 1, 1, keys)` additive mask BERT adds to scores."""
+    hidden = torch.finfo(dtype).min
+    return torch.zeros(key_visible.shape, dtype=dtype, device=key_visible.device).masked_fill(
+        ~key_visible, hidden
+    )[:, None, None, :]
+
+
+class RMTPreTrainedModel(PreTrainedModel):
+    config_class = RMTConfig
+    config: RMTConfig
+    base_model_prefix = "rmt"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: RMTConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        config.auto_map = {**AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The timm backbone keeps timm's own initialization (e.g. zero-initialized last batch norm of each
+        # residual block); everything RMT adds uses the normal initializer of the config.
+        if getattr(module, "_rmt_timm_initialized", False):
+            return
+        super()._init_weights(module)
+
+
+class RMTModel(RMTPreTrainedModel):
+    """RMT without heads: returns the final states of the image, text and multimodal CLS tokens.
+
+    Mask attention, when `config.use_mask_attention` is on, is implemented as three encoder passes:
+
+    - image pass over the image side only: the image CLS sees image keys and nothing else;
+    - text pass over the text side only: the text CLS sees text keys and nothing else;
+    - multimodal pass over the joint sequence: every query sees the keys of the present modalities.
+
+    Running the unimodal passes on their own subsequences makes the isolation exact at every layer (a
+    single pass with a per-query mask would leak text into the image CLS through the image tokens, which
+    attend to text from the second layer on). Their cost is the length of their side, so the three passes
+    together cost about two joint passes. With mask attention off, one joint pass gives all three CLS states.
+    """
+
+    def __init__(self, config: RMTConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.text_config)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None
+        self.embeddings = RMTEmbeddings(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        modality_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> RMTModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                Token ids from the tokenizer, starting with its CLS token. Omit for an image-only batch.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                1 for real text tokens, 0 for padding.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Processed X-rays. Rows of absent images are ignored. Omit for a text-only batch.
+            modality_mask (`torch.Tensor` of shape `(batch_size, 2)`, *optional*):
+                Column 0 is 1 where the image is present, column 1 is 1 where the text is present. Defaults
+                to the modalities whose inputs are given. A row with both modalities absent is an error.
+        """
+        input_ids, attention_mask, modality_mask = self._complete_inputs(
+            input_ids, attention_mask, pixel_values, modality_mask
+        )
+        word_embeds = self.get_input_embeddings()(input_ids)
+        sequence = self.embeddings(word_embeds, attention_mask, pixel_values, modality_mask)
+        joint = self._encode(sequence, slice(None), output_attentions, output_hidden_states)
+        states = joint.last_hidden_state
+
+        if self.config.use_mask_attention:
+            image_cls_state = self._encode(sequence, sequence.image_side).last_hidden_state[:, 0]
+            text_cls_state = self._encode(sequence, sequence.text_side).last_hidden_state[:, 0]
+        else:
+            image_cls_state = states[:, sequence.image_side.start]
+            text_cls_state = states[:, sequence.text_side.start]
+
+        return RMTModelOutput(
+            image_cls_state=image_cls_state,
+            text_cls_state=text_cls_state,
+            multimodal_cls_state=states[:, 0],
+            last_hidden_state=states,
+            hidden_states=getattr(joint, "hidden_states", None),
+            attentions=getattr(joint, "attentions", None),
+            modality_mask=modality_mask,
+        )
+
+    def _encode(
+        self,
+        sequence: JointSequence,
+        part: slice,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ):
+        inputs_embeds = sequence.inputs_embeds[:, part]
+        record_kwargs = {}
+        if output_attentions:
+            record_kwargs["output_attentions"] = True
+        if output_hidden_states:
+            record_kwargs["output_hidden_states"] = True
+        return self.encoder(
+            inputs_embeds=inputs_embeds,
+            token_type_ids=sequence.token_type_ids[:, part],
+            position_ids=sequence.position_ids[:, part],
+            attention_mask=additive_key_mask(sequence.key_visible[:, part], inputs_embeds.dtype),
+            **record_kwargs,
+        )
+
+    def _complete_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        modality_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fill in omitted inputs and validate the modality mask; return ids, attention mask and modality mask."""
+        if input_ids is None and pixel_values is None:
+            raise ValueError("RMT needs input_ids, pixel_values or both; got neither.")
+        reference = input_ids if input_ids is not None else pixel_values
+        batch_size, device = reference.shape[0], reference.device
+
+        if modality_mask is None:
+            modality_mask = torch.tensor([pixel_values is not None, input_ids is not None], device=device)
+            modality_mask = modality_mask.expand(batch_size, -1)
+        modality_mask = validate_modality_mask(modality_mask, batch_size)
+        if pixel_values is None and modality_mask[:, IMAGE_PRESENT].any():
+            raise ValueError("modality_mask marks images as present but pixel_values is missing.")
+        if input_ids is None and modality_mask[:, TEXT_PRESENT].any():
+            raise ValueError("modality_mask marks text as present but input_ids is missing.")
+
+        if input_ids is None:
+            input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return input_ids, attention_mask, modality_mask
+
+
+def validate_modality_mask(modality_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Return the modality mask as a `(batch, 2)` bool tensor; raise `ValueError` on a bad shape or an empty row."""
+    if modality_mask.shape != (batch_size, 2):
+        raise ValueError(
+            f"modality_mask must have shape (batch_size, 2) = ({batch_size}, 2), got {tuple(modality_mask.shape)}"
+        )
+    modality_mask = modality_mask.bool()
+    empty_rows = (~modality_mask.any(dim=1)).nonzero(as_tuple=True)[0].tolist()
+    if empty_rows:
+        raise ValueError(f"Rows {empty_rows} of modality_mask have both the image and the text absent.")
+    return modality_mask
+
+
+def route_logits(
+    image_logits: torch.Tensor,
+    text_logits: torch.Tensor,
+    multimodal_logits: torch.Tensor,
+    modality_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Pick, per sample, the logits of the head that matches the modalities it has."""
+    image_present = modality_mask[:, IMAGE_PRESENT, None]
+    text_present = modality_mask[:, TEXT_PRESENT, None]
+    unimodal = torch.where(image_present, image_logits, text_logits)
+    return torch.where(image_present & text_present, multimodal_logits, unimodal)
+
+
+def multitask_loss(
+    task_logits: list[torch.Tensor],
+    task_samples: list[torch.Tensor],
+    task_weights: list[float],
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of per-task cross-entropies, each averaged over the samples that task covers.
+
+    A task that covers no sample of the batch adds a zero that still depends on its logits, so every head
+    receives a (zero) gradient and distributed training sees the same parameters used on every rank.
+    """
+    loss = task_logits[0].new_zeros(())
+    for logits, samples, weight in zip(task_logits, task_samples, task_weights):
+        if weight == 0:
+            continue
+        if samples.any():
+            task_loss = nn.functional.cross_entropy(logits[samples].float(), labels[samples])
+        else:
+            task_loss = logits.sum() * 0.0
+        loss = loss + weight * task_loss
+    return loss
+
+
+class RMTForMultimodalClassification(RMTPreTrainedModel):
+    """RMT with one linear head on each CLS: image, text and multimodal.
+
+    Training minimizes the task-weighted sum of three cross-entropies. The image task covers samples with
+    an image, the text task samples with text, and the multimodal task samples with both. With
+    `config.use_multitask` off only the multimodal head trains; it covers every sample, with the absent
+    modality masked, because it is then the head that answers every sample.
+    """
+
+    def __init__(self, config: RMTConfig):
+        super().__init__(config)
+        self.rmt = RMTModel(config)
+        self.image_classifier = self._make_head(config)
+        self.text_classifier = self._make_head(config)
+        self.multimodal_classifier = self._make_head(config)
+        self.post_init()
+
+    @staticmethod
+    def _make_head(config: RMTConfig) -> nn.Sequential:
+        return nn.Sequential(nn.Dropout(config.classifier_dropout), nn.Linear(config.hidden_size, config.num_labels))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        modality_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> RMTClassifierOutput:
+        r"""
+        Args:
+            input_ids, attention_mask, pixel_values, modality_mask:
+                See [`RMTModel.forward`].
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class ids in `[0, num_labels)`. When given, the multi-task loss is returned.
+        """
+        outputs = self.rmt(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            modality_mask=modality_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        image_logits = self.image_classifier(outputs.image_cls_state)
+        text_logits = self.text_classifier(outputs.text_cls_state)
+        multimodal_logits = self.multimodal_classifier(outputs.multimodal_cls_state)
+
+        modality_mask = outputs.modality_mask
+        if self.config.use_multitask:
+            logits = route_logits(image_logits, text_logits, multimodal_logits, modality_mask)
+        else:
+            logits = multimodal_logits
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(image_logits, text_logits, multimodal_logits, modality_mask, labels)
+
+        return RMTClassifierOutput(
+            loss=loss,
+            logits=logits,
+            image_logits=image_logits,
+            text_logits=text_logits,
+            multimodal_logits=multimodal_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _loss(
+        self,
+        image_logits: torch.Tensor,
+        text_logits: torch.Tensor,
+        multimodal_logits: torch.Tensor,
+        modality_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        image_present = modality_mask[:, IMAGE_PRESENT]
+        text_present = modality_mask[:, TEXT_PRESENT]
+        labels = labels.to(multimodal_logits.device).long()
+        if not self.config.use_multitask:
+            return multitask_loss([multimodal_logits], [torch.ones_like(image_present)], [1.0], labels)
+        return multitask_loss(
+            [image_logits, text_logits, multimodal_logits],
+            [image_present, text_present, image_present & text_present],
+            self.config.task_weights,
+            labels,
+        )
+
+    @classmethod
+    def from_backbones(cls, config: RMTConfig, **text_model_kwargs) -> "RMTForMultimodalClassification":
+        """Build RMT with pretrained backbones: the encoder from `config.text_model_name_or_path`, and the CNN
+        from timm's ImageNet weights when `config.image_pretrained` is set.
+
+        `text_model_kwargs` go to `AutoModel.from_pretrained` (e.g. `local_files_only=True`). The RMT parts
+        (CLS embeddings, image projection, heads) start from random initialization.
+        """
+        model = cls(config)
+        pretrained_encoder = AutoModel.from_pretrained(config.text_model_name_or_path, **text_model_kwargs)
+        missing, unexpected = model.rmt.encoder.load_state_dict(pretrained_encoder.state_dict(), strict=False)
+        unexpected = [key for key in unexpected if not key.startswith("pooler.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"Encoder weights of {config.text_model_name_or_path!r} do not match config.text_config: "
+                f"missing {missing}, unexpected {unexpected}. Build the config from that model's config."
+            )
+        if config.image_pretrained:
+            backbone = timm.create_model(config.image_model_name, pretrained=True, num_classes=0, global_pool="")
+            model.rmt.embeddings.image_encoder.backbone.load_state_dict(backbone.state_dict())
+        return model
+
+
+RMTModel.register_for_auto_class("AutoModel")
+RMTForMultimodalClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "RMTClassifierOutput",
+    "RMTForMultimodalClassification",
+    "RMTModel",
+    "RMTModelOutput",
+    "RMTPreTrainedModel",
+    "route_logits",
+]
