@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-# `datasets_scripts` is a folder of scripts, not an installed package, so import it from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets_scripts.covid_chestxray import (  # noqa: E402
+from datasets_scripts.covid_chestxray import (
     OUTCOME_PATTERN,
     SPLIT_FRACTIONS,
     convert,
@@ -53,7 +49,7 @@ OUTCOME_FIELDS = ("survival", "intubated", "intubation_present", "went_icu", "in
 
 
 def make_row(patientid: str, filename: str, **fields: str) -> dict[str, str]:
-    """Return a labeled-nothing frontal X-ray row with a neutral note; `fields` override columns."""
+    """Return a frontal X-ray row with no outcome field set and a neutral note. `fields` overrides columns."""
     row = {column: "" for column in COLUMNS}
     row.update(
         patientid=patientid,
@@ -131,7 +127,10 @@ ABSENT_FILES = {"missing-image.png", "no-modality.png", "no-modality-after-scrub
 
 @pytest.fixture(scope="module")
 def handmade_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Convert HANDMADE_ROWS into a folder two levels away from the data; return it and the summary."""
+    """Convert HANDMADE_ROWS into a folder two levels below a sibling of the data folder.
+
+    Returns the output folder and the summary.
+    """
     root = tmp_path_factory.mktemp("collection")
     data_dir = write_collection(root / "data", HANDMADE_ROWS, ABSENT_FILES)
     output_dir = root / "converted" / "nested"
