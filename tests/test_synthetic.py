@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-# `datasets_scripts` is a folder of scripts, not an installed package, so import it from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets_scripts.synthetic import (  # noqa: E402
+from datasets_scripts.synthetic import (
     MISSING_IMAGE_RATE,
     MISSING_TEXT_RATE,
     SPLIT_FRACTIONS,
@@ -24,6 +20,9 @@ from datasets_scripts.synthetic import (  # noqa: E402
 
 SEVERE_MARKERS = ("dyspnea", "shortness of breath", "86%", "呼吸困难", "血氧饱和度下降", "气促")
 RECORD_KEYS = {"id", "label", "image", "text", "patient_id"}
+
+# The output folder, the paths returned by make_synthetic_dataset, and all records.
+DefaultDataset = tuple[Path, dict[str, Path], list[dict]]
 
 
 def read_records(paths: dict[str, Path]) -> dict[str, list[dict]]:
@@ -43,21 +42,21 @@ def severe_marker_rate(records: list[dict], label: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def default_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], list[dict]]:
+def default_dataset(tmp_path_factory: pytest.TempPathFactory) -> DefaultDataset:
     """Generate the default dataset once: 240 samples of 96x96 pixels, seed 0."""
     output_dir = tmp_path_factory.mktemp("synthetic")
     paths = make_synthetic_dataset(output_dir)
     return output_dir, paths, flatten(read_records(paths))
 
 
-def test_synthetic_returns_paths(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_returns_paths(default_dataset: DefaultDataset) -> None:
     output_dir, paths, _ = default_dataset
     assert set(paths) == {"train", "validation", "test", "images"}
     assert paths["images"] == output_dir / "images"
     assert all(paths[split].is_file() for split in SPLIT_FRACTIONS)
 
 
-def test_synthetic_record_format(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_record_format(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     for record in records:
         assert set(record) == RECORD_KEYS
@@ -67,23 +66,23 @@ def test_synthetic_record_format(default_dataset: tuple[Path, dict[str, Path], l
         assert isinstance(record["patient_id"], str)
 
 
-def test_synthetic_ids_unique(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_ids_unique(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     assert len({record["id"] for record in records}) == 240
 
 
-def test_synthetic_split_sizes(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_split_sizes(default_dataset: DefaultDataset) -> None:
     _, paths, _ = default_dataset
     sizes = {split: len(records) for split, records in read_records(paths).items()}
     assert sizes == {"train": 168, "validation": 48, "test": 24}
 
 
-def test_synthetic_never_both_absent(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_never_both_absent(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     assert not [record["id"] for record in records if record["image"] is None and not record["text"]]
 
 
-def test_synthetic_absence_rates(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_absence_rates(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     without_image = sum(record["image"] is None for record in records) / len(records)
     without_text = sum(not record["text"] for record in records) / len(records)
@@ -91,14 +90,14 @@ def test_synthetic_absence_rates(default_dataset: tuple[Path, dict[str, Path], l
     assert without_text == pytest.approx(MISSING_TEXT_RATE, abs=0.01)
 
 
-def test_synthetic_absent_text_forms(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_absent_text_forms(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     absent = [record["text"] for record in records if not record["text"]]
     assert None in absent
     assert "" in absent
 
 
-def test_synthetic_labels_balanced(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_labels_balanced(default_dataset: DefaultDataset) -> None:
     _, paths, records = default_dataset
     assert sum(record["label"] == "severe" for record in records) == 120
     for split, split_records in read_records(paths).items():
@@ -106,7 +105,7 @@ def test_synthetic_labels_balanced(default_dataset: tuple[Path, dict[str, Path],
         assert severe_fraction == pytest.approx(0.5, abs=0.05), split
 
 
-def test_synthetic_images_readable(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_images_readable(default_dataset: DefaultDataset) -> None:
     output_dir, _, records = default_dataset
     for record in records:
         if record["image"] is None:
@@ -117,26 +116,26 @@ def test_synthetic_images_readable(default_dataset: tuple[Path, dict[str, Path],
             assert image.size == (96, 96)
 
 
-def test_synthetic_no_unreferenced_images(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_no_unreferenced_images(default_dataset: DefaultDataset) -> None:
     output_dir, paths, records = default_dataset
     written = {path.relative_to(output_dir).as_posix() for path in paths["images"].iterdir()}
     assert written == {record["image"] for record in records if record["image"] is not None}
 
 
-def test_synthetic_languages_mixed(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_languages_mixed(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     notes = [record["text"] for record in records if record["text"]]
     chinese_fraction = sum(bool(re.search(r"[\u4e00-\u9fff]", note)) for note in notes) / len(notes)
     assert chinese_fraction == pytest.approx(0.5, abs=0.1)
 
 
-def test_synthetic_text_informative(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_text_informative(default_dataset: DefaultDataset) -> None:
     _, _, records = default_dataset
     assert severe_marker_rate(records, "severe") == pytest.approx(0.8, abs=0.1)
     assert severe_marker_rate(records, "mild") == pytest.approx(0.2, abs=0.1)
 
 
-def test_synthetic_images_informative(default_dataset: tuple[Path, dict[str, Path], list[dict]]) -> None:
+def test_synthetic_images_informative(default_dataset: DefaultDataset) -> None:
     output_dir, _, records = default_dataset
     brightness: dict[str, list[float]] = {"mild": [], "severe": []}
     for record in records:
