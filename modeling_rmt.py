@@ -520,26 +520,41 @@ class RMTForMultimodalClassification(RMTPreTrainedModel):
 
     @classmethod
     def from_backbones(cls, config: RMTConfig, **text_model_kwargs) -> "RMTForMultimodalClassification":
-        """Build RMT with pretrained backbones: the encoder from `config.text_model_name_or_path`, and the CNN
+        """Build RMT on pretrained backbones: the encoder from `config.text_model_name_or_path`, and the CNN
         from timm's ImageNet weights when `config.image_pretrained` is set.
 
         `text_model_kwargs` go to `AutoModel.from_pretrained` (e.g. `local_files_only=True`). The RMT parts
         (CLS embeddings, image projection, heads) start from random initialization.
         """
         model = cls(config)
-        pretrained_encoder = AutoModel.from_pretrained(config.text_model_name_or_path, **text_model_kwargs)
-        missing, unexpected = model.rmt.encoder.load_state_dict(pretrained_encoder.state_dict(), strict=False)
+        model.load_pretrained_text_encoder(**text_model_kwargs)
+        if config.image_pretrained:
+            model.load_pretrained_image_backbone()
+        return model
+
+    def load_pretrained_text_encoder(self, **text_model_kwargs) -> None:
+        """Copy the weights of `config.text_model_name_or_path` into the encoder; its pooler is not used."""
+        name = self.config.text_model_name_or_path
+        pretrained_encoder = AutoModel.from_pretrained(name, **text_model_kwargs)
+        missing, unexpected = self.rmt.encoder.load_state_dict(pretrained_encoder.state_dict(), strict=False)
         unexpected = [key for key in unexpected if not key.startswith("pooler.")]
         if missing or unexpected:
             raise ValueError(
-                f"Encoder weights of {config.text_model_name_or_path!r} do not match config.text_config: "
-                f"missing {missing}, unexpected {unexpected}. Build the config from that model's config."
+                f"Encoder weights of {name!r} do not match config.text_config: missing {missing}, "
+                f"unexpected {unexpected}. Build text_config from that model's config."
             )
-        if config.image_pretrained:
-            backbone = timm.create_model(config.image_model_name, pretrained=True, num_classes=0, global_pool="")
-            model.rmt.embeddings.image_encoder.backbone.load_state_dict(backbone.state_dict())
-        return model
 
+    def load_pretrained_image_backbone(self) -> None:
+        """Copy timm's pretrained weights of `config.image_model_name` into the CNN (downloads them)."""
+        name = self.config.image_model_name
+        try:
+            backbone = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+        except Exception as error:  # timm raises several types for network, hub and missing-weight failures
+            raise RuntimeError(
+                f"Could not load pretrained timm weights for {name!r} ({type(error).__name__}: {error}). "
+                "Offline, set image_pretrained=False to start the CNN from random weights."
+            ) from error
+        self.rmt.embeddings.image_encoder.backbone.load_state_dict(backbone.state_dict())
 
 RMTModel.register_for_auto_class("AutoModel")
 RMTForMultimodalClassification.register_for_auto_class("AutoModelForSequenceClassification")
