@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install RMT with its test dependencies into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"

@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Train and evaluate RMT on JSONL data where some samples lack the X-ray or the clinical text.
+
+Each JSONL line is one sample: `{"id": ..., "label": ..., "image": ..., "text": ...}`. `image` is a path
+relative to the JSONL file's folder, or null when the X-ray is absent; `text` is null or empty when the
+notes are absent. Other keys (for example `patient_id`) are kept and ignored.
+
+    accelerate launch train_rmt.py --train_file data/train.jsonl --validation_file data/validation.jsonl \
+        --test_file data/test.jsonl --output_dir outputs/rmt --do_train --do_eval --do_predict
+
+Every `TrainingArguments` flag works (fp16/bf16, resume, push_to_hub, ...). After training, each split is
+evaluated four times: routed predictions (each sample answered by the head matching its modalities) and
+the image, text and multimodal tasks, each on the samples that have that task's modalities, with the
+other modality masked.
+"""
+
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+import PIL.Image
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    EvalPrediction,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from configuration_rmt import RMTConfig
+from modeling_rmt import RMTForMultimodalClassification
+from processing_rmt import RMTProcessor
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+METRIC_PATH = REPO_ROOT / "metrics" / "rmt_classification"
+REQUIRED_KEYS = ("id", "label", "image", "text")
+MODALITY_PATTERNS = {(True, True): "image+text", (True, False): "image only", (False, True): "text only"}
+# Task name -> (modalities a sample must have, modality hidden from the model during its evaluation).
+EVALUATION_TASKS = {
+    "routed": ((), None),
+    "image": (("image",), "text"),
+    "text": (("text",), "image"),
+    "multimodal": (("image", "text"), None),
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which backbones RMT starts from and how it trains."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained RMT (folder or Hub id) to fine-tune. Leave unset to build RMT from backbones."},
+    )
+    text_model_name_or_path: str = field(
+        default="bert-base-chinese",
+        metadata={"help": "BERT-family encoder and tokenizer (folder or Hub id) for the text tokens and the encoder."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override encoder config settings, e.g. 'num_hidden_layers=2,hidden_size=64,intermediate_size=128'. "
+            "The encoder then starts from random weights; its tokenizer still comes from text_model_name_or_path."
+        },
+    )
+    image_model_name: str = field(default="resnet152", metadata={"help": "timm model name of the image CNN."})
+    image_pretrained: bool = field(
+        default=True, metadata={"help": "Start the CNN from timm's ImageNet weights (downloads them from the Hub)."}
+    )
+    num_image_embeddings: int = field(default=3, metadata={"help": "Image embeddings per X-ray (pooled regions)."})
+    task_weights: list[float] = field(
+        default_factory=lambda: [0.3, 0.3, 0.4],
+        metadata={"help": "Weights of the image, text and multimodal cross-entropies."},
+    )
+    use_mask_attention: bool = field(
+        default=True, metadata={"help": "Isolate the image CLS from text and the text CLS from the image."}
+    )
+    use_multitask: bool = field(
+        default=True, metadata={"help": "Train the image and text heads beside the multimodal head."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the JSONL splits are and how samples are turned into model inputs."""
+
+    train_file: str | None = field(default=None, metadata={"help": "Training JSONL file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation JSONL file."})
+    test_file: str | None = field(default=None, metadata={"help": "Test JSONL file."})
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The label set in class-id order. Defaults to the trained model's labels when fine-tuning, "
+            "else to the sorted labels of the training file."
+        },
+    )
+    positive_label: str | None = field(
+        default=None,
+        metadata={"help": "Positive class for sensitivity, specificity and ROC-AUC. Defaults to the last label."},
+    )
+    image_size: int = field(default=224, metadata={"help": "Side of the square model input in pixels."})
+    max_seq_length: int = field(default=128, metadata={"help": "Maximum text length in tokens, CLS and SEP included."})
+    augment: bool = field(default=True, metadata={"help": "Apply rotation, scaling and contrast jitter in training."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation and test samples."}
+    )
+
+    def __post_init__(self):
+        if self.train_file is None and self.validation_file is None and self.test_file is None:
+            raise ValueError("Give at least one of --train_file, --validation_file or --test_file.")
+
+
+class DatasetError(ValueError):
+    """A JSONL dataset contains invalid records; the message lists every one of them."""
+
+
+def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """Return the checkpoint to resume from, or None; refuse to overwrite a non-empty output folder."""
+    if training_args.resume_from_checkpoint is not None:
+        return training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if not (training_args.do_train and os.path.isdir(output_dir)):
+        return None
+    last_checkpoint = get_last_checkpoint(output_dir)
+    if last_checkpoint is None and any(Path(output_dir).iterdir()) and not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"Output folder {output_dir} is not empty and holds no checkpoint. "
+            "Pass --overwrite_output_dir to train into it anyway, or choose another --output_dir."
+        )
+    if last_checkpoint is not None:
+        logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start over.")
+    return last_checkpoint
+
+
+def split_files(data_args: DataArguments) -> dict[str, str]:
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    return {split: os.path.abspath(path) for split, path in files.items() if path is not None}
+
+
+def check_records(records: list[dict[str, Any]], path: str, label2id: dict[str, int] | None) -> list[str]:
+    """Return one message per invalid record of a JSONL file (missing key, unknown label, no modality...)."""
+    folder = Path(path).parent
+    problems = []
+    for line, record in enumerate(records, start=1):
+        where = f"{path}, line {line} (id={record.get('id')!r})"
+        missing = [key for key in REQUIRED_KEYS if key not in record]
+        if missing:
+            problems.append(f"{where}: missing key(s) {missing}")
+            continue
+        if record["label"] is None or (label2id is not None and record["label"] not in label2id):
+            problems.append(f"{where}: unknown label {record['label']!r}, expected one of {sorted(label2id or [])}")
+        if record["image"] is None and not has_text(record["text"]):
+            problems.append(f"{where}: both modalities absent (image is null and text is empty)")
+        if record["image"] is not None:
+            problem = check_image_file(folder / record["image"])
+            if problem:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
+def check_image_file(path: Path) -> str | None:
+    """Return why an image file cannot be used, or None; reads the header and checks the file's integrity."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        return f"unreadable image {path}: {error}"
+    return None
+
+
+def has_text(text: str | None) -> bool:
+    return text is not None and bool(text.strip())
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from error
+    return records
+
+
+def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_path: str | None) -> list[str]:
+    """Return the label set in class-id order."""
+    if data_args.labels:
+        return list(data_args.labels)
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        return [config.id2label[index] for index in range(config.num_labels)]
+    if train_path is None:
+        raise ValueError("Pass --labels (or --model_name_or_path) when evaluating without a training file.")
+    return sorted({record["label"] for record in read_jsonl(train_path) if record.get("label") is not None})
+
+
+def load_splits(files: dict[str, str], label2id: dict[str, int]) -> datasets.DatasetDict:
+    """Load and validate the JSONL splits; image paths become absolute, images stay undecoded until used."""
+    problems = []
+    for path in files.values():
+        problems += check_records(read_jsonl(path), path, label2id)
+    if problems:
+        raise DatasetError(f"{len(problems)} invalid record(s):\n" + "\n".join(problems))
+
+    raw = datasets.load_dataset("json", data_files=files)
+    splits = {}
+    for split, dataset in raw.items():
+        folder = str(Path(files[split]).parent)
+        splits[split] = dataset.map(
+            partial(normalize_record, folder=folder, label2id=label2id),
+            remove_columns=[c for c in dataset.column_names if c not in REQUIRED_KEYS],
+            desc=f"Resolving {split} records",
+        )
+    return datasets.DatasetDict(splits)
+
+
+def normalize_record(record: dict[str, Any], folder: str, label2id: dict[str, int]) -> dict[str, Any]:
+    image = record["image"]
+    return {
+        "id": str(record["id"]),
+        "label": label2id[record["label"]],
+        "image": os.path.join(folder, image) if image is not None else None,
+        "text": record["text"] if has_text(record["text"]) else None,
+    }
+
+
+def modality_pattern(record: dict[str, Any]) -> str:
+    return MODALITY_PATTERNS[(record["image"] is not None, record["text"] is not None)]
+
+
+def log_split_counts(splits: datasets.DatasetDict, id2label: dict[int, str]) -> None:
+    for split, dataset in splits.items():
+        counts = Counter(
+            (id2label[label], modality_pattern({"image": image, "text": text}))
+            for label, image, text in zip(dataset["label"], dataset["image"], dataset["text"])
+        )
+        details = ", ".join(f"{label}/{pattern}: {count}" for (label, pattern), count in sorted(counts.items()))
+        logger.info(f"{split}: {len(dataset)} samples ({details})")
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: dict[int, str]):
+    """Return RMT: fine-tuned from a trained RMT, built on pretrained backbones, or with a from-scratch encoder."""
+    label_kwargs = {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
+    if model_args.model_name_or_path:
+        return RMTForMultimodalClassification.from_pretrained(
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs
+        )
+
+    text_config = AutoConfig.from_pretrained(model_args.text_model_name_or_path)
+    if model_args.config_overrides:
+        text_config.update_from_string(model_args.config_overrides)
+        logger.warning(
+            f"Encoder built from config with overrides {model_args.config_overrides!r}: it starts from random weights."
+        )
+    config = RMTConfig(
+        text_config=text_config.to_dict(),
+        text_model_name_or_path=model_args.text_model_name_or_path,
+        image_model_name=model_args.image_model_name,
+        image_pretrained=model_args.image_pretrained,
+        num_image_embeddings=model_args.num_image_embeddings,
+        image_size=data_args.image_size,
+        task_weights=model_args.task_weights,
+        use_mask_attention=model_args.use_mask_attention,
+        use_multitask=model_args.use_multitask,
+        **label_kwargs,
+    )
+    if not model_args.image_pretrained:
+        logger.warning(f"Image backbone {model_args.image_model_name} starts from random weights (no ImageNet weights).")
+    if not model_args.config_overrides:
+        return RMTForMultimodalClassification.from_backbones(config)
+    model = RMTForMultimodalClassification(config)
+    if model_args.image_pretrained:
+        model.load_pretrained_image_backbone()
+    return model
+
+
+def build_processor(model_args: ModelArguments, data_args: DataArguments) -> RMTProcessor:
+    if model_args.model_name_or_path:
+        return RMTProcessor.from_pretrained(model_args.model_name_or_path)
+    return RMTProcessor.from_text_model(model_args.text_model_name_or_path, image_size=data_args.image_size)
+
+
+def with_view(dataset: datasets.Dataset, augment: bool = False, hidden_modality: str | None = None):
+    """Return the dataset with each record marked for augmentation and for a modality to hide from the model."""
+
+    def mark(batch: dict[str, list]) -> dict[str, list]:
+        size = len(batch["id"])
+        return {**batch, "augment": [augment] * size, "hidden_modality": [hidden_modality] * size}
+
+    return dataset.with_transform(mark)
+
+
+@dataclass
+class RMTDataCollator:
+    """Turn records into a padded batch: images are read from disk here, so they are decoded lazily."""
+
+    processor: RMTProcessor
+    max_seq_length: int = 128
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [None if r["hidden_modality"] == "image" else r["image"] for r in records]
+        texts = [None if r["hidden_modality"] == "text" else r["text"] for r in records]
+        batch = self.processor(
+            images=images,
+            text=texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
+            do_augment=bool(records[0]["augment"]),
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.tensor([r["label"] for r in records], dtype=torch.long)
+        return dict(batch)
+
+
+def load_metric():
+    return evaluate.load(str(METRIC_PATH))
+
+
+def classification_metrics(metric, logits: np.ndarray, labels: np.ndarray, pos_label: int) -> dict[str, float]:
+    scores = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1).numpy()
+    return metric.compute(
+        predictions=scores.argmax(-1),
+        references=labels,
+        prediction_scores=scores,
+        pos_label=pos_label,
+    )
+
+
+def make_compute_metrics(metric, pos_label: int):
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return classification_metrics(metric, logits, prediction.label_ids, pos_label)
+
+    return compute_metrics
+
+
+def task_subset(dataset: datasets.Dataset, required: tuple[str, ...]) -> datasets.Dataset:
+    if not required:
+        return dataset
+    return dataset.filter(lambda record: all(record[m] is not None for m in required), desc="Selecting task samples")
+
+
+def evaluate_tasks(trainer: Trainer, dataset: datasets.Dataset, split: str, metric, pos_label: int) -> dict:
+    """Evaluate routed predictions and each task on the samples that have the task's modalities."""
+    results = {}
+    for task, (required, hidden) in EVALUATION_TASKS.items():
+        subset = task_subset(dataset, required)
+        results[f"{split}_{task}_samples"] = len(subset)
+        if len(subset) == 0:
+            logger.warning(f"{split}: no sample has the modalities of the {task} task; it is not evaluated.")
+            continue
+        prediction = trainer.predict(with_view(subset, hidden_modality=hidden), metric_key_prefix=f"{split}_{task}")
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        scores = classification_metrics(metric, logits, prediction.label_ids, pos_label)
+        results.update({f"{split}_{task}_{name}": value for name, value in scores.items()})
+    return results
+
+
+def format_task_table(results: dict[str, float], split: str) -> str:
+    names = ("accuracy", "precision", "sensitivity", "specificity", "roc_auc")
+    lines = [f"{'task':<12}{'samples':>8}" + "".join(f"{name:>13}" for name in names)]
+    for task in EVALUATION_TASKS:
+        count = results.get(f"{split}_{task}_samples", 0)
+        values = "".join(f"{results.get(f'{split}_{task}_{name}', float('nan')):>13.4f}" for name in names)
+        lines.append(f"{task:<12}{count:>8}{values}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    model_args, data_args, training_args = parse_args()
+    setup_logging(training_args)
+    logger.info(f"Training arguments: {training_args}")
+    last_checkpoint = find_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    files = split_files(data_args)
+    labels = resolve_labels(data_args, model_args, files.get("train"))
+    id2label = dict(enumerate(labels))
+    label2id = {label: index for index, label in id2label.items()}
+    positive_label = data_args.positive_label or labels[-1]
+    if positive_label not in label2id:
+        raise ValueError(f"--positive_label {positive_label!r} is not one of the labels {labels}")
+    splits = load_splits(files, label2id)
+    if data_args.max_train_samples is not None and "train" in splits:
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+    for split in ("validation", "test"):
+        if data_args.max_eval_samples is not None and split in splits:
+            splits[split] = splits[split].select(range(min(data_args.max_eval_samples, len(splits[split]))))
+    log_split_counts(splits, id2label)
+
+    model = build_model(model_args, data_args, id2label)
+    processor = build_processor(model_args, data_args)
+    metric = load_metric()
+    pos_label = label2id[positive_label]
+
+    # The collator reads the raw `image` and `text` columns, which are not arguments of the model.
+    training_args.remove_unused_columns = False
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=with_view(splits["train"], augment=data_args.augment) if "train" in splits else None,
+        eval_dataset=with_view(splits["validation"]) if "validation" in splits else None,
+        processing_class=processor,
+        data_collator=RMTDataCollator(processor, data_args.max_seq_length),
+        compute_metrics=make_compute_metrics(metric, pos_label),
+    )
+
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    for split, do_split in (("validation", training_args.do_eval), ("test", training_args.do_predict)):
+        if not do_split or split not in splits:
+            continue
+        results = evaluate_tasks(trainer, splits[split], split, metric, pos_label)
+        trainer.save_metrics(split, results)
+        if trainer.is_world_process_zero():
+            print(f"\n{split} metrics (positive label: {positive_label})\n{format_task_table(results, split)}")
+
+    if trainer.is_world_process_zero():
+        print(f"\nModel and processor saved to {os.path.abspath(training_args.output_dir)}")
+        print(f"Metrics written to {os.path.join(os.path.abspath(training_args.output_dir), 'all_results.json')}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path or model_args.text_model_name_or_path)
+
+
+if __name__ == "__main__":
+    main()
