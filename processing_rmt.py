@@ -15,6 +15,7 @@ so it imports only public libraries.
 """
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from transformers.utils import TensorType
 
-# One image: a PIL image, a (H, W) or (H, W, C) array, or the path of an image file.
-ImageInput = PIL.Image.Image | np.ndarray | str | os.PathLike
+# One image: a PIL image, a (H, W) or (H, W, C) array, the path of an image or DICOM file, or a
+# pydicom Dataset (typed Any because pydicom is optional).
+ImageInput = PIL.Image.Image | np.ndarray | str | os.PathLike | Any
 
 # PIL modes with more than 8 bits per pixel. `Image.convert("L")` clips them to 255 (Pillow 13.0)
 # instead of scaling, so they are read as arrays and rescaled by their value range.
@@ -40,6 +42,12 @@ _HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 # ITU-R 601-2 luma weights, the ones PIL uses for RGB to "L".
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+# File name extensions read as DICOM. Files without one are recognized by the "DICM" marker that follows
+# the 128-byte preamble of a DICOM Part 10 file.
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+_DICOM_PREAMBLE_LENGTH = 128
+_DICOM_MAGIC = b"DICM"
 
 # Arguments of `from_pretrained` that locate files and that the image processor also needs.
 _HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -117,14 +125,137 @@ def _array_to_grayscale(array: np.ndarray) -> PIL.Image.Image:
     )
 
 
-def load_grayscale_image(image: ImageInput) -> PIL.Image.Image:
-    """Load an image from a PIL image, array or file path as an 8-bit grayscale ("L") PIL image.
+def _import_pydicom() -> Any:
+    """Import pydicom and its pixel module, or raise ImportError with the pip command that installs it.
+
+    pydicom is imported on first use, inside a try block, so that `trust_remote_code` loading of this file
+    does not require it for PNG and JPEG input.
+    """
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError as err:
+        raise ImportError("Reading DICOM images requires pydicom: pip install 'pydicom>=3.0'.") from err
+    return pydicom
+
+
+def _is_dicom_dataset(image: Any) -> bool:
+    """Return True for a pydicom Dataset. Without pydicom imported, no object can be one."""
+    pydicom = sys.modules.get("pydicom")
+    return pydicom is not None and isinstance(image, pydicom.Dataset)
+
+
+def _is_dicom_path(path: str | os.PathLike) -> bool:
+    """Return True for a .dcm or .dicom path, or a readable file with the DICOM Part 10 "DICM" marker."""
+    if Path(path).suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(_DICOM_PREAMBLE_LENGTH + len(_DICOM_MAGIC))
+    except OSError:
+        return False
+    return header[_DICOM_PREAMBLE_LENGTH:] == _DICOM_MAGIC
+
+
+def _read_dicom_file(path: str | os.PathLike) -> Any:
+    """Read a DICOM file with pydicom, raising ValueError that names the path and the reason."""
+    pydicom = _import_pydicom()
+    try:
+        return pydicom.dcmread(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"DICOM file {str(path)!r} not found.") from err
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"DICOM file {str(path)!r} could not be read: {err}") from err
+
+
+def _has_voi_transform(dataset: Any) -> bool:
+    """Return True when the dataset defines a VOI LUT or a window (center and width)."""
+    has_window = "WindowCenter" in dataset and "WindowWidth" in dataset
+    return bool(dataset.get("VOILUTSequence")) or has_window
+
+
+def _voi_output_range(dataset: Any, dtype: np.dtype) -> tuple[float, float]:
+    """Return the lowest and highest values the modality and VOI transforms produce over all storable values.
+
+    A window maps onto a fixed display range (PS3.3 C.11.2.1.2), and pydicom's `apply_voi_lut` derives
+    that range from BitsStored, PixelRepresentation and the rescale. Sending the extreme storable values
+    through the same two transforms gives the range without repeating those rules. The display range,
+    not the observed one, is mapped onto [0, 255], so a window shows the same gray for the same value in
+    every image.
+    """
+    pixels = _import_pydicom().pixels
+    bits_stored = int(dataset.BitsStored)
+    if int(dataset.PixelRepresentation) == 0:
+        stored_extremes = [0, 2**bits_stored - 1]
+    else:
+        stored_extremes = [-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1]
+    probe = np.array(stored_extremes, dtype=dtype)
+    output = pixels.apply_voi_lut(pixels.apply_modality_lut(probe, dataset), dataset)
+    return float(output.min()), float(output.max())
+
+
+def _map_range_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto [0, 255] as uint8, clipping values outside. A zero range gives zeros."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def _dicom_to_grayscale(dataset: Any, source: str) -> PIL.Image.Image:
+    """Convert a single-frame DICOM image to an 8-bit grayscale image in which bright means dense.
+
+    Grayscale images go through the modality transform (Modality LUT or RescaleSlope/RescaleIntercept),
+    then the VOI transform (VOI LUT or WindowCenter/WindowWidth, with the VOI LUT preferred when both are
+    given, as pydicom does). With a VOI transform its display range becomes [0, 255]. Without one, the
+    observed value range does, as for 16-bit PNGs. MONOCHROME1 images, where low values are bright, are
+    inverted at the end. Color images (RGB after pydicom's decoding) are converted to luma as arrays are.
 
     Raises:
-        ValueError: the file is missing or unreadable, or the array has an unsupported shape or dtype.
-        TypeError: `image` is not one of the accepted types.
+        ValueError: missing or undecodable pixel data, or more than one frame. `source` names the input.
     """
+    pixels_module = _import_pydicom().pixels
+    try:
+        pixels = dataset.pixel_array
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"DICOM image {source} has no decodable pixel data: {err}") from err
+
+    number_of_frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if number_of_frames > 1:
+        raise ValueError(f"DICOM image {source} has {number_of_frames} frames. Pass a single-frame radiograph.")
+    if int(dataset.get("SamplesPerPixel", 1)) > 1:
+        return _array_to_grayscale(pixels)
+
+    values = pixels_module.apply_modality_lut(pixels, dataset)
+    if _has_voi_transform(dataset):
+        values = pixels_module.apply_voi_lut(values, dataset)
+        low, high = _voi_output_range(dataset, pixels.dtype)
+        gray = _map_range_to_uint8(values, low, high)
+    else:
+        gray = _rescale_to_uint8(values)
+
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray
+    return PIL.Image.fromarray(gray)
+
+
+def load_grayscale_image(image: ImageInput) -> PIL.Image.Image:
+    """Load an image from a PIL image, array, file path or pydicom Dataset as an 8-bit grayscale ("L") PIL image.
+
+    DICOM paths (.dcm, .dicom or a file with the DICOM marker) and pydicom Datasets are converted by
+    `_dicom_to_grayscale`, which needs pydicom.
+
+    Raises:
+        ValueError: the file is missing or unreadable, the array has an unsupported shape or dtype, or the
+            DICOM image has no decodable single frame.
+        TypeError: `image` is not one of the accepted types.
+        ImportError: a DICOM input without pydicom installed.
+    """
+    if _is_dicom_dataset(image):
+        return _dicom_to_grayscale(image, source="given as a pydicom Dataset")
     if isinstance(image, (str, os.PathLike)):
+        if _is_dicom_path(image):
+            return _dicom_to_grayscale(_read_dicom_file(image), source=f"file {str(image)!r}")
         image = _open_image_file(image)
     if isinstance(image, PIL.Image.Image):
         if image.mode == "L":
@@ -135,8 +266,8 @@ def load_grayscale_image(image: ImageInput) -> PIL.Image.Image:
     if isinstance(image, np.ndarray):
         return _array_to_grayscale(image)
     raise TypeError(
-        f"Unsupported image type {type(image).__name__}. Expected a PIL image, a numpy array, or a file path "
-        "(str or pathlib.Path)."
+        f"Unsupported image type {type(image).__name__}. Expected a PIL image, a numpy array, a file path "
+        "(str or pathlib.Path) or a pydicom Dataset."
     )
 
 
