@@ -14,20 +14,17 @@ the image, text and multimodal tasks, each on the samples that have that task's 
 other modality masked.
 """
 
-import json
 import logging
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
 import evaluate
 import numpy as np
-import PIL.Image
 import torch
 import transformers
 from transformers import (
@@ -41,6 +38,15 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_rmt import RMTConfig
+from datasets_scripts.validate import (
+    ValidationOptions,
+    ValidationReport,
+    format_findings,
+    has_text,
+    infer_labels,
+    read_labels,
+    validate_files,
+)
 from modeling_rmt import RMTForMultimodalClassification
 from processing_rmt import RMTProcessor
 
@@ -48,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
 METRIC_PATH = REPO_ROOT / "metrics" / "rmt_classification"
-REQUIRED_KEYS = ("id", "label", "image", "text")
 MODALITY_PATTERNS = {(True, True): "image+text", (True, False): "image only", (False, True): "text only"}
 # Task name -> (modalities a sample must have, modality hidden from the model during its evaluation).
 EVALUATION_TASKS = {
@@ -95,6 +100,7 @@ class ModelArguments:
     )
 
 
+
 @dataclass
 class DataArguments:
     """Where the JSONL splits are and how samples are turned into model inputs."""
@@ -120,10 +126,27 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N validation and test samples."}
     )
+    on_bad_record: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with invalid records (see datasets_scripts/validate.py): 'error' stops and lists "
+            "every one of them, 'skip' drops them and logs each dropped id and the count per reason.",
+            "choices": ["error", "skip"],
+        },
+    )
+    allow_outside_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept image paths that resolve outside the JSONL file's folder (through '..', an absolute "
+            "path or a symbolic link)."
+        },
+    )
 
     def __post_init__(self):
         if self.train_file is None and self.validation_file is None and self.test_file is None:
             raise ValueError("Give at least one of --train_file, --validation_file or --test_file.")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"--on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
 
 
 class DatasetError(ValueError):
@@ -174,56 +197,6 @@ def split_files(data_args: DataArguments) -> dict[str, str]:
     return {split: os.path.abspath(path) for split, path in files.items() if path is not None}
 
 
-def check_records(records: list[dict[str, Any]], path: str, label2id: dict[str, int] | None) -> list[str]:
-    """Return one message per invalid record of a JSONL file (missing key, unknown label, no modality...)."""
-    folder = Path(path).parent
-    problems = []
-    for line, record in enumerate(records, start=1):
-        where = f"{path}, line {line} (id={record.get('id')!r})"
-        missing = [key for key in REQUIRED_KEYS if key not in record]
-        if missing:
-            problems.append(f"{where}: missing key(s) {missing}")
-            continue
-        if record["label"] is None or (label2id is not None and record["label"] not in label2id):
-            problems.append(f"{where}: unknown label {record['label']!r}, expected one of {sorted(label2id or [])}")
-        if record["image"] is None and not has_text(record["text"]):
-            problems.append(f"{where}: both modalities absent (image is null and text is empty)")
-        if record["image"] is not None:
-            problem = check_image_file(folder / record["image"])
-            if problem:
-                problems.append(f"{where}: {problem}")
-    return problems
-
-
-def check_image_file(path: Path) -> str | None:
-    """Return why an image file cannot be used, or None; reads the header and checks the file's integrity."""
-    if not path.is_file():
-        return f"image file not found: {path}"
-    try:
-        with PIL.Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        return f"unreadable image {path}: {error}"
-    return None
-
-
-def has_text(text: str | None) -> bool:
-    return text is not None and bool(text.strip())
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{path}, line {line_number}: invalid JSON ({error.msg})") from error
-    return records
-
-
 def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_path: str | None) -> list[str]:
     """Return the label set in class-id order."""
     if data_args.labels:
@@ -233,27 +206,59 @@ def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_p
         return [config.id2label[index] for index in range(config.num_labels)]
     if train_path is None:
         raise ValueError("Pass --labels (or --model_name_or_path) when evaluating without a training file.")
-    return sorted({record["label"] for record in read_jsonl(train_path) if record.get("label") is not None})
+    return infer_labels(read_labels(train_path))
 
 
-def load_splits(files: dict[str, str], label2id: dict[str, int]) -> datasets.DatasetDict:
-    """Load and validate the JSONL splits; image paths become absolute, images stay undecoded until used."""
-    problems = []
-    for path in files.values():
-        problems += check_records(read_jsonl(path), path, label2id)
-    if problems:
-        raise DatasetError(f"{len(problems)} invalid record(s):\n" + "\n".join(problems))
+def load_splits(files: dict[str, str], label2id: dict[str, int], data_args: DataArguments) -> datasets.DatasetDict:
+    """Load and validate the JSONL splits; image paths become absolute, images stay undecoded until used.
 
-    raw = datasets.load_dataset("json", data_files=files)
+    Raises DatasetError listing every invalid record unless `--on_bad_record skip`, which drops them.
+    """
+    options = ValidationOptions(labels=tuple(label2id), allow_outside_paths=data_args.allow_outside_paths)
+    report = validate_files(list(files.values()), options)
+    log_validation_warnings(report)
+    if report.bad:
+        handle_bad_records(report, data_args.on_bad_record)
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "label": datasets.Value("int64"),
+            "image": datasets.Value("string"),
+            "text": datasets.Value("string"),
+        }
+    )
     splits = {}
-    for split, dataset in raw.items():
-        folder = str(Path(files[split]).parent)
-        splits[split] = dataset.map(
-            partial(normalize_record, folder=folder, label2id=label2id),
-            remove_columns=[c for c in dataset.column_names if c not in REQUIRED_KEYS],
-            desc=f"Resolving {split} records",
-        )
+    for split, path in files.items():
+        folder = str(Path(path).parent)
+        records = [normalize_record(record, folder, label2id) for record in report.valid_records(path)]
+        if not records:
+            raise DatasetError(f"{path} has no valid record, so the {split} split would be empty.")
+        splits[split] = datasets.Dataset.from_list(records, features=features)
     return datasets.DatasetDict(splits)
+
+
+def handle_bad_records(report: ValidationReport, on_bad_record: str) -> None:
+    """Raise DatasetError listing every invalid record, or log what `--on_bad_record skip` drops."""
+    errors = [finding for result in report.bad for finding in result.errors]
+    counts = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.bad_by_reason().items()))
+    if on_bad_record == "error":
+        raise DatasetError(
+            f"{len(report.bad)} invalid record(s) of {len(report.results)} ({counts}):\n{format_findings(errors)}\n"
+            "Fix them, or pass --on_bad_record skip to train without them."
+        )
+    logger.warning(
+        f"Skipping {len(report.bad)} invalid record(s) of {len(report.results)} ({counts}; each counted under "
+        f"its first error):\n{format_findings(errors)}"
+    )
+
+
+def log_validation_warnings(report: ValidationReport) -> None:
+    """Log the warning-level findings (records that stay in the data) as counts with the first example."""
+    findings = [finding for finding in report.findings if finding.severity == "warning"]
+    for reason, count in sorted(report.warnings_by_reason().items()):
+        first = next(finding for finding in findings if finding.reason == reason)
+        logger.warning(f"{count} record(s) kept with warning {reason}, the first: {first}")
 
 
 def normalize_record(record: dict[str, Any], folder: str, label2id: dict[str, int]) -> dict[str, Any]:
@@ -423,7 +428,7 @@ def main() -> None:
     positive_label = data_args.positive_label or labels[-1]
     if positive_label not in label2id:
         raise ValueError(f"--positive_label {positive_label!r} is not one of the labels {labels}")
-    splits = load_splits(files, label2id)
+    splits = load_splits(files, label2id, data_args)
     if data_args.max_train_samples is not None and "train" in splits:
         splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
     for split in ("validation", "test"):
