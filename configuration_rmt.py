@@ -57,6 +57,11 @@ class RMTConfig(PreTrainedConfig):
             Standard deviation of the normal initializer of the CLS embeddings, the image projection and the heads.
         id2label (`dict[int, str]`, *optional*, defaults to `{0: "mild", 1: "severe"}`):
             The label set; any number of labels works.
+        temperatures (`dict[str, float]`, *optional*, defaults to 1.0 for each of `"image"`, `"text"` and `"multimodal"`):
+            Temperature of each head for turning its logits into probabilities, `softmax(logits / temperature)`.
+            Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks") fits them on the
+            validation split; 1.0 leaves a head's probabilities as trained. They never change the logits the
+            model returns or its predicted labels. The `image-text-classification` pipeline applies them.
     """
 
     model_type = "rmt"
@@ -77,6 +82,7 @@ class RMTConfig(PreTrainedConfig):
     use_multitask: bool = True
     classifier_dropout: float = 0.1
     initializer_range: float = 0.02
+    temperatures: dict[str, float] | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
@@ -86,6 +92,9 @@ class RMTConfig(PreTrainedConfig):
         if self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
         self.task_weights = [float(weight) for weight in self.task_weights]
+        self.temperatures = {task: 1.0 for task in TASKS} | {
+            task: float(value) for task, value in (self.temperatures or {}).items()
+        }
         self._validate_rmt_fields()
 
     def _validate_rmt_fields(self) -> None:
@@ -99,6 +108,12 @@ class RMTConfig(PreTrainedConfig):
             raise ValueError(f"num_image_embeddings must be at least 1, got {self.num_image_embeddings}")
         if self.num_labels < 2:
             raise ValueError(f"RMT classifies into at least 2 labels, got num_labels={self.num_labels}")
+        unknown_heads = sorted(set(self.temperatures) - set(TASKS))
+        if unknown_heads:
+            raise ValueError(f"temperatures has unknown heads {unknown_heads}. The heads are {list(TASKS)}.")
+        invalid = {task: value for task, value in self.temperatures.items() if not 0 < value < float("inf")}
+        if invalid:
+            raise ValueError(f"temperatures must be positive and finite, got {invalid}")
 
     @property
     def hidden_size(self) -> int:

@@ -27,8 +27,10 @@ from transformers.modeling_outputs import ModelOutput
 
 try:
     from .configuration_rmt import RMTConfig
+    from .pipeline_rmt import CUSTOM_PIPELINES
 except ImportError:  # imported as a top-level module from a source checkout
     from configuration_rmt import RMTConfig
+    from pipeline_rmt import CUSTOM_PIPELINES
 
 IMAGE_PRESENT, TEXT_PRESENT = 0, 1
 
@@ -243,6 +245,9 @@ class RMTPreTrainedModel(PreTrainedModel):
     def __init__(self, config: RMTConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         config.auto_map = {**AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
+        # With this entry in config.json, `pipeline(model=folder, trust_remote_code=True)` builds `RMTPipeline`.
+        # The relative import of pipeline_rmt above makes `save_pretrained` copy that file beside the model.
+        config.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(config, "custom_pipelines", None) or {})}
 
     def _init_weights(self, module: nn.Module) -> None:
         # The timm backbone keeps timm's own initialization (e.g. zero-initialized last batch norm of each
