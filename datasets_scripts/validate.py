@@ -17,8 +17,9 @@ it usable. The checks, in order:
 - the image path resolves inside the JSONL file's folder after `..` and symbolic links are followed
   (unless outside paths are allowed) and names a non-empty regular file;
 - the image header declares at most `max_image_pixels` pixels, checked before any pixel is decoded;
-- the file passes PIL's integrity check and `processing_rmt.load_grayscale_image` decodes it. So
-  16-bit, RGBA, palette and CMYK images pass, because the processor converts them to 8-bit grayscale.
+- the file passes PIL's integrity check (DICOM files skip it) and `processing_rmt.load_grayscale_image`
+  decodes it. So 16-bit, RGBA, palette, CMYK and DICOM images pass, because the processor converts them
+  to 8-bit grayscale.
 
 `train_rmt.py` runs the same checks before training.
 
@@ -50,7 +51,7 @@ if __package__ in (None, ""):
     # Run as a script: make the repository's top-level modules (processing_rmt) importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from processing_rmt import load_grayscale_image  # noqa: E402
+from processing_rmt import _is_dicom_path, load_grayscale_image  # noqa: E402
 
 REQUIRED_KEYS = ("id", "label", "image", "text")
 ERROR = "error"
@@ -459,10 +460,35 @@ def check_image_file(path: Path, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tu
     if path.stat().st_size == 0:
         return "empty_image_file", f"image file is empty (0 bytes): {path}"
 
-    problem = check_image_header(path, max_image_pixels)
+    if _is_dicom_path(path):
+        problem = check_dicom_header(path, max_image_pixels)
+    else:
+        problem = check_image_header(path, max_image_pixels) or check_image_integrity(path)
     if problem is not None:
         return problem
     return check_image_pixels(path)
+
+
+def check_dicom_header(path: Path, max_image_pixels: int) -> tuple[str, str] | None:
+    """Read a DICOM file without its pixel data and check the declared size of all frames together."""
+    try:
+        import pydicom
+    except ImportError:
+        return "unreadable_image", f"unreadable image {path}: reading DICOM files requires pydicom"
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types on malformed files
+        return "unreadable_image", f"unreadable image {path}: DICOM header could not be read ({error})"
+
+    if rows * columns * frames > max_image_pixels:
+        return (
+            "image_too_large",
+            f"image too large, refused before decoding: {path} declares {frames} frame(s) of {columns}x{rows} = "
+            f"{rows * columns * frames} pixels, more than max_image_pixels={max_image_pixels}",
+        )
+    return None
 
 
 def check_image_header(path: Path, max_image_pixels: int) -> tuple[str, str] | None:
@@ -489,8 +515,8 @@ def check_image_header(path: Path, max_image_pixels: int) -> tuple[str, str] | N
     return None
 
 
-def check_image_pixels(path: Path) -> tuple[str, str] | None:
-    """Check the file's integrity with `verify()`, then decode it as the image processor does."""
+def check_image_integrity(path: Path) -> tuple[str, str] | None:
+    """Run PIL's `verify()`, which checks PNG chunk checksums and finds files that end early."""
     # Image plugins raise many exception types on malformed files (OSError, SyntaxError, struct.error,
     # IndexError...), so any exception counts as a bad file here rather than a crash of the validator.
     try:
@@ -498,6 +524,12 @@ def check_image_pixels(path: Path) -> tuple[str, str] | None:
             image.verify()
     except Exception as error:  # noqa: BLE001
         return image_error_reason(error), f"unreadable image {path}: integrity check failed ({error})"
+    return None
+
+
+def check_image_pixels(path: Path) -> tuple[str, str] | None:
+    """Decode the image as the image processor does."""
+    # Any exception means a bad file, for the reason given in check_image_integrity.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)

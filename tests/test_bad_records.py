@@ -119,6 +119,33 @@ def corrupt_png_data(data_dir: Path) -> bytes:
     return with_image(data_dir, "bad_crc.png", bytes(content))
 
 
+def dicom_bytes(rows: int = 12, columns: int = 16, pixel_bytes: int | None = None) -> bytes:
+    """Return a 12-bit MONOCHROME2 DICOM file declaring rows x columns, with `pixel_bytes` bytes of pixel data."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = file_meta
+    dataset.SOPClassUID = file_meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.Rows, dataset.Columns = rows, columns
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+    dataset.PixelRepresentation = 0
+    pixel_bytes = rows * columns * 2 if pixel_bytes is None else pixel_bytes
+    dataset.PixelData = (np.arange(pixel_bytes // 2, dtype=np.uint16) % 4096).astype("<u2").tobytes()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 @dataclass(frozen=True)
 class BadCase:
     """A bad line builder (given the dataset folder), the expected first error and the id the report names."""
@@ -229,6 +256,13 @@ BAD_CASES = {
                             "image_too_large"),  # fmt: skip
     "image_over_custom_limit": bad(lambda data_dir: with_image(data_dir, "big.png", image_bytes(size=(64, 64))),
                                    "image_too_large", max_image_pixels=1000),  # fmt: skip
+    "dicom_bomb_header": bad(
+        lambda data_dir: with_image(data_dir, "bomb.dcm", dicom_bytes(30000, 30000, pixel_bytes=64)), "image_too_large"
+    ),
+    "dicom_short_pixel_data": bad(lambda data_dir: with_image(data_dir, "short.dcm", dicom_bytes(pixel_bytes=64)),
+                                  "corrupt_image"),  # fmt: skip
+    "dicom_header_cut": bad(lambda data_dir: with_image(data_dir, "cut.dcm", dicom_bytes()[:200]),
+                            "unreadable_image"),  # fmt: skip
     # Several problems: counted once, under the first.
     "unknown_label_and_missing_image": bad(
         line(make_record(label="moderate", image="images/nowhere.png")), "unknown_label"
@@ -336,6 +370,16 @@ def test_bomb_rejected_before_decoding(data_dir, monkeypatch):
     assert "900000000 pixels" in finding.message
     assert "bomb.png" not in decoded
     assert "good.png" in decoded
+
+
+def test_dicom_passes_and_loads(data_dir):
+    append_line(data_dir / "train.jsonl", with_image(data_dir, "scan.dcm", dicom_bytes(rows=12, columns=16)))
+    report = validate_dataset(data_dir)
+
+    assert report.bad == [], [str(finding) for finding in report.findings]
+    grayscale = load_grayscale_image(data_dir / "images" / "scan.dcm")
+    assert grayscale.mode == "L"
+    assert grayscale.size == (16, 12)
 
 
 def test_large_header_message_names_size(data_dir):
