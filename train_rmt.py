@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
 METRIC_PATH = REPO_ROOT / "metrics" / "rmt_classification"
+# A checkpoint folder that contains one of these files has safetensors weights. The patterns match pickle files.
+SAFETENSORS_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth")
 MODALITY_PATTERNS = {(True, True): "image+text", (True, False): "image only", (False, True): "text only"}
 # Task name -> (modalities a sample must have, modality hidden from the model during its evaluation).
 EVALUATION_TASKS = {
@@ -98,7 +101,13 @@ class ModelArguments:
     use_multitask: bool = field(
         default=True, metadata={"help": "Train the image and text heads beside the multimodal head."}
     )
-
+    allow_pickle_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Load weights from pickle files (pytorch_model.bin, *.pt, *.pth) when a --model_name_or_path or "
+            "resume checkpoint folder has no model.safetensors. Unpickling can run arbitrary code: trusted files only."
+        },
+    )
 
 
 @dataclass
@@ -190,6 +199,33 @@ def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
     if last_checkpoint is not None:
         logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start over.")
     return last_checkpoint
+
+
+def check_safetensors_checkpoint(checkpoint: str, allow_pickle: bool) -> None:
+    """Raise ValueError when a local checkpoint has pickled weights but no model.safetensors.
+
+    `checkpoint` is a folder, a weights file (which `from_pretrained` also accepts) or a Hub id.
+    Trainer checkpoints also contain optimizer.pt, scheduler.pt and rng_state.pth. Those pass when
+    model.safetensors is present, because Trainer reads them with `torch.load(weights_only=True)`.
+    A Hub id is not checked here: `from_pretrained(use_safetensors=True)` rejects its pickled weights.
+    """
+    if allow_pickle:
+        return
+    pickled = find_pickle_weights(Path(checkpoint))
+    if pickled:
+        raise ValueError(
+            f"Checkpoint {checkpoint} has no model.safetensors, only pickle files {pickled}. Unpickling can run "
+            "arbitrary code, so convert them to safetensors, or pass --allow_pickle_checkpoints if you trust them."
+        )
+
+
+def find_pickle_weights(path: Path) -> list[str]:
+    """Return the pickle files that would provide the weights of a checkpoint file or folder, else []."""
+    if path.is_file():
+        return [str(path)] if any(path.match(pattern) for pattern in PICKLE_WEIGHT_PATTERNS) else []
+    if not path.is_dir() or any((path / name).is_file() for name in SAFETENSORS_WEIGHT_NAMES):
+        return []
+    return sorted(str(file) for pattern in PICKLE_WEIGHT_PATTERNS for file in path.glob(pattern))
 
 
 def split_files(data_args: DataArguments) -> dict[str, str]:
@@ -289,8 +325,12 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: 
     """Return RMT: fine-tuned from a trained RMT, built on pretrained backbones, or with a from-scratch encoder."""
     label_kwargs = {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
     if model_args.model_name_or_path:
+        check_safetensors_checkpoint(model_args.model_name_or_path, model_args.allow_pickle_checkpoints)
         return RMTForMultimodalClassification.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **label_kwargs
+            model_args.model_name_or_path,
+            ignore_mismatched_sizes=True,
+            use_safetensors=None if model_args.allow_pickle_checkpoints else True,
+            **label_kwargs,
         )
 
     text_config = AutoConfig.from_pretrained(model_args.text_model_name_or_path)
@@ -419,6 +459,8 @@ def main() -> None:
     setup_logging(training_args)
     logger.info(f"Training arguments: {training_args}")
     last_checkpoint = find_last_checkpoint(training_args)
+    if last_checkpoint is not None:
+        check_safetensors_checkpoint(last_checkpoint, model_args.allow_pickle_checkpoints)
     set_seed(training_args.seed)
 
     files = split_files(data_args)
