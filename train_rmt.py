@@ -14,7 +14,9 @@ the image, text and multimodal tasks, each on the samples that have that task's 
 other modality masked.
 """
 
+import hashlib
 import logging
+import math
 import os
 import sys
 from collections import Counter
@@ -32,6 +34,9 @@ from transformers import (
     EvalPrediction,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -379,25 +384,54 @@ def with_view(dataset: datasets.Dataset, augment: bool = False, hidden_modality:
 
 @dataclass
 class RMTDataCollator:
-    """Turn records into a padded batch: images are read from disk here, so they are decoded lazily."""
+    """Turn records into a padded batch: images are read from disk here, so they are decoded lazily.
+
+    Augmentation draws from torch's random generator seeded with (seed, epoch, ids of the batch's
+    records) inside `torch.random.fork_rng`, so it leaves the global generator untouched. Resuming from
+    a checkpoint then gives the same augmentation and dropout as an uninterrupted run. Trainer restores
+    the global generator only after it has fetched the first batch of the resumed epoch.
+    `AugmentationEpochCallback` sets `epoch`.
+    """
 
     processor: RMTProcessor
     max_seq_length: int = 128
+    seed: int = 0
+    epoch: int = 0
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [None if r["hidden_modality"] == "image" else r["image"] for r in records]
         texts = [None if r["hidden_modality"] == "text" else r["text"] for r in records]
-        batch = self.processor(
-            images=images,
-            text=texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_seq_length,
-            do_augment=bool(records[0]["augment"]),
-            return_tensors="pt",
-        )
+        do_augment = bool(records[0]["augment"])
+        with torch.random.fork_rng(devices=[], enabled=do_augment):
+            if do_augment:
+                torch.manual_seed(self.augmentation_seed(records))
+            batch = self.processor(
+                images=images,
+                text=texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_seq_length,
+                do_augment=do_augment,
+                return_tensors="pt",
+            )
         batch["labels"] = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return dict(batch)
+
+    def augmentation_seed(self, records: list[dict[str, Any]]) -> int:
+        """Return a 64-bit seed that depends only on the run's seed, the epoch and the batch's record ids."""
+        key = f"{self.seed}:{self.epoch}:" + "\n".join(str(record["id"]) for record in records)
+        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tell the data collator which epoch starts, so that each epoch draws new augmentations."""
+
+    def __init__(self, collator: RMTDataCollator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # `state.epoch` is fractional: after resuming mid-epoch it is e.g. 1.33, so the floor is the epoch index.
+        self.collator.epoch = math.floor(state.epoch or 0)
 
 
 def load_metric():
@@ -485,13 +519,15 @@ def main() -> None:
 
     # The collator reads the raw `image` and `text` columns, which are not arguments of the model.
     training_args.remove_unused_columns = False
+    collator = RMTDataCollator(processor, data_args.max_seq_length, seed=training_args.seed)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=with_view(splits["train"], augment=data_args.augment) if "train" in splits else None,
         eval_dataset=with_view(splits["validation"]) if "validation" in splits else None,
         processing_class=processor,
-        data_collator=RMTDataCollator(processor, data_args.max_seq_length),
+        data_collator=collator,
+        callbacks=[AugmentationEpochCallback(collator)],
         compute_metrics=make_compute_metrics(metric, pos_label),
     )
 
