@@ -17,6 +17,7 @@ The image side and the text side each restart their position ids at 0, as MMBT d
 side sees exactly the positions a pretrained BERT saw.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import timm
@@ -317,8 +318,8 @@ class RMTModel(RMTPreTrainedModel):
         states = joint.last_hidden_state
 
         if self.config.use_mask_attention:
-            image_cls_state = self._encode(sequence, sequence.image_side).last_hidden_state[:, 0]
-            text_cls_state = self._encode(sequence, sequence.text_side).last_hidden_state[:, 0]
+            image_cls_state = self._encode_unimodal(sequence, sequence.image_side)
+            text_cls_state = self._encode_unimodal(sequence, sequence.text_side)
         else:
             image_cls_state = states[:, sequence.image_side.start]
             text_cls_state = states[:, sequence.text_side.start]
@@ -332,6 +333,17 @@ class RMTModel(RMTPreTrainedModel):
             attentions=getattr(joint, "attentions", None),
             modality_mask=modality_mask,
         )
+
+    def _encode_unimodal(self, sequence: JointSequence, side: slice) -> torch.Tensor:
+        """Encode one modality's side alone and return its CLS state, `(batch, hidden)`.
+
+        The side's CLS key stays visible even where the modality is absent. Those rows then attend to one
+        fixed key, so their CLS state depends on the weights only, not on the padded length of the batch.
+        """
+        key_visible = sequence.key_visible.clone()
+        key_visible[:, side.start] = True
+        unimodal = dataclasses.replace(sequence, key_visible=key_visible)
+        return self._encode(unimodal, side).last_hidden_state[:, 0]
 
     def _encode(
         self,

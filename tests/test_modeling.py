@@ -284,3 +284,17 @@ def test_save_load_fresh_process_same_logits(tmp_path):
     assert loaded["base"] == "RMTModel"
     assert loaded["states_shape"] == [3, 32]
     torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("text_length", [3, 9])
+def test_absent_text_logits_ignore_padded_length(model, text_length):
+    short = random_batch(2, 3, seed=1, modality_mask=torch.tensor([[1, 0], [1, 1]]))
+    other = random_batch(2, text_length, seed=1, modality_mask=torch.tensor([[1, 0], [1, 1]]))
+    other["pixel_values"] = short["pixel_values"]
+    torch.testing.assert_close(run(model, other).text_logits[0], run(model, short).text_logits[0], rtol=0, atol=1e-5)
+
+
+def test_absent_image_logits_constant(model):
+    batch = random_batch(2, 4, seed=1, modality_mask=torch.tensor([[0, 1], [0, 1]]))
+    output = run(model, batch)
+    torch.testing.assert_close(output.image_logits[0], output.image_logits[1], rtol=0, atol=1e-5)
