@@ -14,6 +14,7 @@ the image, text and multimodal tasks, each on the samples that have that task's 
 other modality masked.
 """
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -42,6 +43,14 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from calibration_rmt import (
+    HEADS,
+    calibrate_head,
+    expected_calibration_error,
+    format_calibration_table,
+    reset_temperatures,
+    softmax_with_temperature,
+)
 from configuration_rmt import RMTConfig
 from datasets_scripts.validate import (
     ValidationOptions,
@@ -52,6 +61,7 @@ from datasets_scripts.validate import (
     read_labels,
     validate_files,
 )
+from model_card_rmt import CardContext, summarize_split, write_model_card
 from modeling_rmt import RMTForMultimodalClassification
 from processing_rmt import RMTProcessor
 
@@ -163,12 +173,32 @@ class DataArguments:
             raise ValueError(f"--on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
 
 
+@dataclass
+class PublishingArguments:
+    """Calibration and model card settings, applied after training and evaluation."""
+
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "Fit one temperature per head (image, text, multimodal) on the validation split by L-BFGS on the "
+            "negative log-likelihood, save them in config.json, and log and save the ECE (15 bins) before and after."
+        },
+    )
+    study_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "A study results.json with confidence intervals and a robustness table for the model card "
+            "(layout in model_card_rmt.py). Defaults to OUTPUT_DIR/study/results.json when that file exists."
+        },
+    )
+
+
 class DatasetError(ValueError):
     """A JSONL dataset contains invalid records; the message lists every one of them."""
 
 
-def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments, PublishingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, PublishingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses()
@@ -488,8 +518,151 @@ def format_task_table(results: dict[str, float], split: str) -> str:
     return "\n".join(lines)
 
 
+def routed_logits(prediction) -> np.ndarray:
+    """Return the routed `(N, num_labels)` logits of a `Trainer.predict` output."""
+    return prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+
+
+def collect_head_logits(trainer: Trainer, dataset: datasets.Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return `{head: (logits (N, num_labels), labels (N,))}` over the samples routed to each head.
+
+    Each head is run as its evaluation task is: on the samples with its modalities and the other one
+    hidden, so the routed logits are that head's. With `use_multitask` off the multimodal head answers
+    every sample, so it gets the whole split.
+    """
+    if not trainer.model.config.use_multitask:
+        prediction = trainer.predict(with_view(dataset), metric_key_prefix="calibration_multimodal")
+        return {"multimodal": (routed_logits(prediction), prediction.label_ids)}
+
+    head_logits = {}
+    for head in HEADS:
+        required, hidden = EVALUATION_TASKS[head]
+        subset = task_subset(dataset, required)
+        if len(subset) == 0:
+            logger.warning(f"No sample has the modalities of the {head} head; its temperature stays 1.0.")
+            continue
+        prediction = trainer.predict(with_view(subset, hidden_modality=hidden), metric_key_prefix=f"calibration_{head}")
+        head_logits[head] = (routed_logits(prediction), prediction.label_ids)
+    return head_logits
+
+
+def calibrate(trainer: Trainer, splits: datasets.DatasetDict, report_test: bool) -> dict[str, float]:
+    """Fit each head's temperature on the validation split and store them in the model's config.
+
+    Returns the temperatures and the ECE and NLL before and after on validation, plus the ECE on the
+    test split when `report_test` is set and the split is loaded. The test ECE is the fair one, because
+    the temperatures were fitted on validation.
+    """
+    metrics: dict[str, float] = {}
+    rows = []
+    temperatures = {head: 1.0 for head in HEADS}
+    for head, (logits, labels) in collect_head_logits(trainer, splits["validation"]).items():
+        fit = calibrate_head(head, logits, labels)
+        temperatures[head] = fit.temperature
+        metrics[f"temperature_{head}"] = fit.temperature
+        metrics[f"validation_{head}_ece_before"] = fit.ece_before
+        metrics[f"validation_{head}_ece_after"] = fit.ece_after
+        metrics[f"validation_{head}_nll_before"] = fit.nll_before
+        metrics[f"validation_{head}_nll_after"] = fit.nll_after
+        rows.append({"split": "validation", **dataclasses.asdict(fit)})
+    trainer.model.config.temperatures = temperatures
+
+    if report_test and "test" in splits:
+        for head, (logits, labels) in collect_head_logits(trainer, splits["test"]).items():
+            ece_before = expected_calibration_error(softmax_with_temperature(logits, 1.0), labels)
+            ece_after = expected_calibration_error(softmax_with_temperature(logits, temperatures[head]), labels)
+            metrics[f"test_{head}_ece_before"] = ece_before
+            metrics[f"test_{head}_ece_after"] = ece_after
+            rows.append(
+                {
+                    "split": "test",
+                    "head": head,
+                    "samples": len(labels),
+                    "temperature": temperatures[head],
+                    "ece_before": ece_before,
+                    "ece_after": ece_after,
+                }
+            )
+
+    if trainer.is_world_process_zero():
+        print(f"\nCalibration (temperatures fitted on validation)\n{format_calibration_table(rows)}")
+    return metrics
+
+
+def find_study_results(publish_args: PublishingArguments, output_dir: str) -> str | None:
+    """Return `--study_results`, else OUTPUT_DIR/study/results.json when it exists, else None."""
+    if publish_args.study_results is not None:
+        return publish_args.study_results
+    default = Path(output_dir) / "study" / "results.json"
+    return str(default) if default.is_file() else None
+
+
+def build_card_context(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    splits: datasets.DatasetDict,
+    model: RMTForMultimodalClassification,
+    positive_label: str,
+) -> CardContext:
+    """Collect what the model card states about the data, the base model and the training settings."""
+    id2label = model.config.id2label
+    summaries = {
+        split: summarize_split(dataset["label"], dataset["image"], dataset["text"], id2label)
+        for split, dataset in splits.items()
+    }
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    return CardContext(
+        model_name=Path(training_args.output_dir).name,
+        config=model.config,
+        positive_label=positive_label,
+        splits=summaries,
+        data_files={split: Path(path).name for split, path in files.items() if path is not None},
+        training={
+            "learning rate": training_args.learning_rate,
+            "epochs": training_args.num_train_epochs,
+            "batch size per device": training_args.per_device_train_batch_size,
+            "seed": training_args.seed,
+        },
+        base_model=model_args.model_name_or_path or model_args.text_model_name_or_path,
+        repo_id=training_args.hub_model_id,
+    )
+
+
+class RMTTrainer(Trainer):
+    """Trainer that writes RMT's model card (model_card_rmt.py) in place of the generic Trainer card.
+
+    `Trainer.push_to_hub` calls `create_model_card` before every upload, so the pushed card is this one.
+    """
+
+    def __init__(self, *args, card_context: CardContext, study_results: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.card_context = card_context
+        self.study_results = study_results
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        license: str | None = None,
+        **unused_trainer_card_kwargs,
+    ) -> None:
+        """Write README.md into the output folder. The arguments override the card context's values."""
+        if not self.is_world_process_zero():
+            return
+        context = dataclasses.replace(
+            self.card_context,
+            model_name=model_name or self.card_context.model_name,
+            config=self.model.config,
+            base_model=finetuned_from or self.card_context.base_model,
+            repo_id=getattr(self, "hub_model_id", None) or self.card_context.repo_id,
+            license=license or self.card_context.license,
+        )
+        write_model_card(self.args.output_dir, context, self.study_results)
+
+
 def main() -> None:
-    model_args, data_args, training_args = parse_args()
+    model_args, data_args, training_args, publish_args = parse_args()
     setup_logging(training_args)
     logger.info(f"Training arguments: {training_args}")
     last_checkpoint = find_last_checkpoint(training_args)
@@ -498,6 +671,8 @@ def main() -> None:
     set_seed(training_args.seed)
 
     files = split_files(data_args)
+    if publish_args.calibrate and "validation" not in files:
+        raise ValueError("--calibrate fits the temperatures on the validation split: pass --validation_file too.")
     labels = resolve_labels(data_args, model_args, files.get("train"))
     id2label = dict(enumerate(labels))
     label2id = {label: index for index, label in id2label.items()}
@@ -513,6 +688,10 @@ def main() -> None:
     log_split_counts(splits, id2label)
 
     model = build_model(model_args, data_args, id2label)
+    if training_args.do_train:
+        stale = reset_temperatures(model.config)
+        if any(value != 1.0 for value in stale.values()):
+            logger.info(f"Reset the starting model's temperatures {stale} to 1.0, because training changes the heads.")
     processor = build_processor(model_args, data_args)
     metric = load_metric()
     pos_label = label2id[positive_label]
@@ -520,7 +699,7 @@ def main() -> None:
     # The collator reads the raw `image` and `text` columns, which are not arguments of the model.
     training_args.remove_unused_columns = False
     collator = RMTDataCollator(processor, data_args.max_seq_length, seed=training_args.seed)
-    trainer = Trainer(
+    trainer = RMTTrainer(
         model=model,
         args=training_args,
         train_dataset=with_view(splits["train"], augment=data_args.augment) if "train" in splits else None,
@@ -529,6 +708,8 @@ def main() -> None:
         data_collator=collator,
         callbacks=[AugmentationEpochCallback(collator)],
         compute_metrics=make_compute_metrics(metric, pos_label),
+        card_context=build_card_context(model_args, data_args, training_args, splits, model, positive_label),
+        study_results=find_study_results(publish_args, training_args.output_dir),
     )
 
     if training_args.do_train:
@@ -545,6 +726,12 @@ def main() -> None:
         trainer.save_metrics(split, results)
         if trainer.is_world_process_zero():
             print(f"\n{split} metrics (positive label: {positive_label})\n{format_task_table(results, split)}")
+
+    if publish_args.calibrate:
+        trainer.save_metrics("calibration", calibrate(trainer, splits, report_test=training_args.do_predict))
+        trainer.save_model()
+    if (Path(training_args.output_dir) / "config.json").is_file():
+        trainer.create_model_card()
 
     if trainer.is_world_process_zero():
         print(f"\nModel and processor saved to {os.path.abspath(training_args.output_dir)}")
