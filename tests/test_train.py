@@ -188,7 +188,7 @@ def test_real_data_training_loss_falls(covid_data_dir, minilm_dir, tmp_path):
     command += [
         "--max_train_samples", "48", "--max_eval_samples", "16", "--num_train_epochs", "4",
         "--per_device_train_batch_size", "16", "--learning_rate", "2e-4", "--logging_steps", "1",
-        "--save_strategy", "no", "--image_size", "64",
+        "--save_strategy", "no", "--image_size", "64", "--allow_outside_paths",
     ]  # fmt: skip
     result = run_command(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
