@@ -18,6 +18,8 @@ DEFAULT_ID2LABEL = {0: "mild", 1: "severe"}
 
 TASKS = ("image", "text", "multimodal")
 
+ATTENTION_STRATEGIES = ("per_task", "fused")
+
 
 class RMTConfig(PreTrainedConfig):
     r"""
@@ -47,6 +49,14 @@ class RMTConfig(PreTrainedConfig):
         use_mask_attention (`bool`, *optional*, defaults to `True`):
             Whether the image CLS and the text CLS are computed in passes that see only their own modality.
             Off, all three CLS tokens read one pass with full attention over the present modalities.
+        attention_strategy (`str`, *optional*, defaults to `"per_task"`):
+            How mask attention is computed when `use_mask_attention` is on. `"per_task"` runs the image side,
+            the text side and the joint sequence as three encoder passes; the multimodal CLS then reads tokens
+            that attend across modalities. `"fused"` runs one pass with a structured mask: image-side tokens
+            attend only to image-side keys, text-side tokens only to text-side keys, and only the multimodal
+            CLS attends to both (bottleneck fusion, Nagrani et al., 2021, "Attention Bottlenecks for
+            Multimodal Fusion"). Both give the same image and text CLS states; they differ in the multimodal
+            CLS and in cost (about two joint passes against one).
         use_multitask (`bool`, *optional*, defaults to `True`):
             Whether the image and text heads train beside the multimodal head and answer the samples that
             have only their modality. Off, only the multimodal head trains and it answers every sample.
@@ -79,6 +89,7 @@ class RMTConfig(PreTrainedConfig):
     image_size: int = 224
     task_weights: list[float] | tuple[float, ...] = (0.3, 0.3, 0.4)
     use_mask_attention: bool = True
+    attention_strategy: str = "per_task"
     use_multitask: bool = True
     classifier_dropout: float = 0.1
     initializer_range: float = 0.02
@@ -104,6 +115,10 @@ class RMTConfig(PreTrainedConfig):
             )
         if any(weight < 0 for weight in self.task_weights) or sum(self.task_weights) <= 0:
             raise ValueError(f"task_weights must be non-negative with a positive sum, got {self.task_weights}")
+        if self.attention_strategy not in ATTENTION_STRATEGIES:
+            raise ValueError(
+                f"attention_strategy must be one of {ATTENTION_STRATEGIES}, got {self.attention_strategy!r}"
+            )
         if self.num_image_embeddings < 1:
             raise ValueError(f"num_image_embeddings must be at least 1, got {self.num_image_embeddings}")
         if self.num_labels < 2:

@@ -17,7 +17,6 @@ The image side and the text side each restart their position ids at 0, as MMBT d
 side sees exactly the positions a pretrained BERT saw.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import timm
@@ -225,12 +224,42 @@ class RMTEmbeddings(nn.Module):
         return JointSequence(inputs_embeds, token_type_ids, position_ids, key_visible, image_side, text_side)
 
 
-def additive_key_mask(key_visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Turn a `(batch, keys)` visibility mask into the `(batch, 1, 1, keys)` additive mask BERT adds to scores."""
+def additive_attention_mask(key_visibility: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a `(batch, queries or 1, keys)` visibility mask into the additive `(batch, 1, queries or 1, keys)`
+    mask that BERT adds to the attention scores (0 where visible, the dtype's minimum where hidden)."""
     hidden = torch.finfo(dtype).min
-    return torch.zeros(key_visible.shape, dtype=dtype, device=key_visible.device).masked_fill(
-        ~key_visible, hidden
-    )[:, None, None, :]
+    additive = torch.zeros(key_visibility.shape, dtype=dtype, device=key_visibility.device)
+    return additive.masked_fill(~key_visibility, hidden)[:, None]
+
+
+def unimodal_key_visibility(sequence: JointSequence) -> torch.Tensor:
+    """Return `(batch, length)` key visibility for unimodal attention: the joint one with both side CLS keys shown.
+
+    The side CLS key stays visible even where its modality is absent. Queries of an absent side then
+    attend to one fixed key, so their states depend on the weights only, not on the batch's padded length.
+    """
+    key_visible = sequence.key_visible.clone()
+    key_visible[:, sequence.image_side.start] = True
+    key_visible[:, sequence.text_side.start] = True
+    return key_visible
+
+
+def structured_key_visibility(sequence: JointSequence) -> torch.Tensor:
+    """Return the `(batch, length, length)` query-to-key visibility of the fused mask attention.
+
+    Invariant: an image-side query sees only image-side keys and a text-side query only text-side keys,
+    so the image and text sides evolve exactly as in their own passes. The multimodal CLS is the one
+    bottleneck that sees the present keys of both sides.
+    """
+    length = sequence.key_visible.shape[1]
+    side_of_position = torch.zeros(length, dtype=torch.long, device=sequence.key_visible.device)
+    side_of_position[sequence.image_side] = 1
+    side_of_position[sequence.text_side] = 2
+    same_side = side_of_position[:, None] == side_of_position[None, :]
+
+    visibility = same_side[None] & unimodal_key_visibility(sequence)[:, None, :]
+    visibility[:, 0] = sequence.key_visible
+    return visibility
 
 
 class RMTPreTrainedModel(PreTrainedModel):
@@ -314,10 +343,12 @@ class RMTModel(RMTPreTrainedModel):
         )
         word_embeds = self.get_input_embeddings()(input_ids)
         sequence = self.embeddings(word_embeds, attention_mask, pixel_values, modality_mask)
-        joint = self._encode(sequence, slice(None), output_attentions, output_hidden_states)
+        fused = self.config.use_mask_attention and self.config.attention_strategy == "fused"
+        key_visibility = structured_key_visibility(sequence) if fused else sequence.key_visible[:, None, :]
+        joint = self._encode(sequence, slice(None), output_attentions, output_hidden_states, key_visibility)
         states = joint.last_hidden_state
 
-        if self.config.use_mask_attention:
+        if self.config.use_mask_attention and not fused:
             image_cls_state = self._encode_unimodal(sequence, sequence.image_side)
             text_cls_state = self._encode_unimodal(sequence, sequence.text_side)
         else:
@@ -335,15 +366,9 @@ class RMTModel(RMTPreTrainedModel):
         )
 
     def _encode_unimodal(self, sequence: JointSequence, side: slice) -> torch.Tensor:
-        """Encode one modality's side alone and return its CLS state, `(batch, hidden)`.
-
-        The side's CLS key stays visible even where the modality is absent. Those rows then attend to one
-        fixed key, so their CLS state depends on the weights only, not on the padded length of the batch.
-        """
-        key_visible = sequence.key_visible.clone()
-        key_visible[:, side.start] = True
-        unimodal = dataclasses.replace(sequence, key_visible=key_visible)
-        return self._encode(unimodal, side).last_hidden_state[:, 0]
+        """Encode one modality's side alone and return its CLS state, `(batch, hidden)`."""
+        key_visible = unimodal_key_visibility(sequence)[:, side]
+        return self._encode(sequence, side, key_visibility=key_visible[:, None, :]).last_hidden_state[:, 0]
 
     def _encode(
         self,
@@ -351,7 +376,9 @@ class RMTModel(RMTPreTrainedModel):
         part: slice,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        key_visibility: torch.Tensor | None = None,
     ):
+        """Run the encoder on `sequence[part]`; `key_visibility` is `(batch, queries or 1, keys)` bool."""
         inputs_embeds = sequence.inputs_embeds[:, part]
         record_kwargs = {}
         if output_attentions:
@@ -362,7 +389,7 @@ class RMTModel(RMTPreTrainedModel):
             inputs_embeds=inputs_embeds,
             token_type_ids=sequence.token_type_ids[:, part],
             position_ids=sequence.position_ids[:, part],
-            attention_mask=additive_key_mask(sequence.key_visible[:, part], inputs_embeds.dtype),
+            attention_mask=additive_attention_mask(key_visibility, inputs_embeds.dtype),
             **record_kwargs,
         )
 

@@ -42,10 +42,11 @@ def new_images(batch, seed):
     return changed
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=[("sdpa", "per_task"), ("eager", "per_task"), ("sdpa", "fused")], ids=str)
 def model(request):
-    model = tiny_model()
-    model.set_attn_implementation(request.param)
+    attention_implementation, strategy = request.param
+    model = tiny_model(attention_strategy=strategy)
+    model.set_attn_implementation(attention_implementation)
     return model
 
 
@@ -298,3 +299,37 @@ def test_absent_image_logits_constant(model):
     batch = random_batch(2, 4, seed=1, modality_mask=torch.tensor([[0, 1], [0, 1]]))
     output = run(model, batch)
     torch.testing.assert_close(output.image_logits[0], output.image_logits[1], rtol=0, atol=1e-5)
+
+
+@PROPERTY_SETTINGS
+@given(modality_mask=modality_masks, seed=st.integers(0, 10_000))
+def test_fused_unimodal_logits_match_per_task(modality_mask, seed):
+    per_task = tiny_model(seed=3)
+    fused = tiny_model(seed=3, attention_strategy="fused")
+    batch = random_batch(len(modality_mask), 6, seed, modality_mask)
+    expected, actual = run(per_task, batch), run(fused, batch)
+    torch.testing.assert_close(actual.image_logits, expected.image_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual.text_logits, expected.text_logits, rtol=0, atol=1e-5)
+
+
+def test_fused_text_tokens_ignore_image():
+    fused = tiny_model(seed=3, attention_strategy="fused")
+    batch = random_batch(2, 6, seed=4)
+    text_side = slice(1 + 1 + 3, None)
+    before = run(fused.rmt, batch).last_hidden_state[:, text_side]
+    after = run(fused.rmt, new_images(batch, seed=5)).last_hidden_state[:, text_side]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_per_task_text_tokens_see_image():
+    per_task = tiny_model(seed=3)
+    batch = random_batch(2, 6, seed=4)
+    text_side = slice(1 + 1 + 3, None)
+    before = run(per_task.rmt, batch).last_hidden_state[:, text_side]
+    after = run(per_task.rmt, new_images(batch, seed=5)).last_hidden_state[:, text_side]
+    assert not torch.allclose(after, before, atol=1e-5)
+
+
+def test_unknown_attention_strategy_raises():
+    with pytest.raises(ValueError, match="attention_strategy"):
+        tiny_config(attention_strategy="sparse")
