@@ -520,6 +520,10 @@ class RMTProcessor(ProcessorMixin):
             kwargs["image_processor"] = RMTImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, **hub_kwargs, **image_kwargs
             )
+        # RMT's BERT tokenizers are transformers classes that need none of the checkpoint's code. Left unset,
+        # AutoConfig sees the RMT auto_map while resolving the tokenizer and asks on stdin whether to trust it.
+        # Pass trust_remote_code=True for a tokenizer whose class is itself remote code.
+        kwargs.setdefault("trust_remote_code", False)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __call__(

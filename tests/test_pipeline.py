@@ -171,6 +171,18 @@ def test_save_pretrained_writes_custom_pipeline(tmp_path, minilm_dir):
     assert (folder / "pipeline_rmt.py").is_file()
 
 
+def test_processor_loads_without_prompt(tmp_path, minilm_dir, monkeypatch):
+    from processing_rmt import RMTProcessor
+
+    folder = save_tiny_checkpoint(tmp_path / "model", minilm_dir)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+
+    processor = RMTProcessor.from_pretrained(folder)
+    assert prompts == []
+    assert processor.tokenizer.tokenize("cough") == ["cough"]
+
+
 FRESH_PROCESS_PIPELINE = textwrap.dedent(
     """
     import json, sys
