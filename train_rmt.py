@@ -421,6 +421,9 @@ class RMTDataCollator:
     a checkpoint then gives the same augmentation and dropout as an uninterrupted run. Trainer restores
     the global generator only after it has fetched the first batch of the resumed epoch.
     `AugmentationEpochCallback` sets `epoch`.
+
+    NOTE: with `--dataloader_persistent_workers`, the workers keep the collator of the first epoch, so
+    every epoch repeats its augmentations.
     """
 
     processor: RMTProcessor
