@@ -41,7 +41,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from calibration_rmt import (
     HEADS,
@@ -219,21 +220,24 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Return the checkpoint to resume from, or None; refuse to overwrite a non-empty output folder."""
+    """Return the checkpoint to resume from: `--resume_from_checkpoint`, else the newest complete one in the
+    output folder. A checkpoint without `trainer_state.json` was cut off while being written and is skipped."""
     if training_args.resume_from_checkpoint is not None:
         return training_args.resume_from_checkpoint
-    output_dir = training_args.output_dir
-    if not (training_args.do_train and os.path.isdir(output_dir)):
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
         return None
-    last_checkpoint = get_last_checkpoint(output_dir)
-    if last_checkpoint is None and any(Path(output_dir).iterdir()) and not training_args.overwrite_output_dir:
-        raise ValueError(
-            f"Output folder {output_dir} is not empty and holds no checkpoint. "
-            "Pass --overwrite_output_dir to train into it anyway, or choose another --output_dir."
-        )
-    if last_checkpoint is not None:
-        logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start over.")
-    return last_checkpoint
+    checkpoints = sorted(
+        (path for path in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()),
+        key=lambda path: int(path.name.rsplit("-", 1)[-1]) if path.name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
+    incomplete = [path.name for path in checkpoints if not (path / TRAINER_STATE_NAME).is_file()]
+    if incomplete:
+        logger.warning(f"Ignoring incomplete checkpoints without {TRAINER_STATE_NAME}: {incomplete}")
+    complete = [path for path in checkpoints if (path / TRAINER_STATE_NAME).is_file()]
+    if not complete:
+        return None
+    logger.info(f"Resuming from {complete[-1]}; delete it or choose another --output_dir to start over.")
+    return str(complete[-1])
 
 
 def check_safetensors_checkpoint(checkpoint: str, allow_pickle: bool) -> None:
@@ -273,7 +277,7 @@ def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_p
     if data_args.labels:
         return list(data_args.labels)
     if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        config = RMTConfig.from_pretrained(model_args.model_name_or_path)
         return [config.id2label[index] for index in range(config.num_labels)]
     if train_path is None:
         raise ValueError("Pass --labels (or --model_name_or_path) when evaluating without a training file.")

@@ -198,3 +198,27 @@ def test_real_data_training_loss_falls(covid_data_dir, minilm_dir, tmp_path):
     assert len(losses) >= 8
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, f"loss did not fall: first steps {losses[:3]}, last steps {losses[-3:]}"
+
+
+def test_last_checkpoint_skips_incomplete(tmp_path):
+    from transformers import TrainingArguments
+
+    from train_rmt import find_last_checkpoint
+
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    args = TrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none")
+    assert find_last_checkpoint(args) == str(tmp_path / "checkpoint-10")
+
+
+def test_last_checkpoint_none_in_folder_without_checkpoints(tmp_path):
+    from transformers import TrainingArguments
+
+    from train_rmt import find_last_checkpoint
+
+    (tmp_path / "all_results.json").write_text("{}")
+    args = TrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none")
+    assert find_last_checkpoint(args) is None
