@@ -208,7 +208,8 @@ classifier({{"text": "SpO2 88% on room air."}})  # text head
 ```
 
 Each result has `label`, `score`, `probabilities` (every label) and `head`, the head that produced it.
-Images may be PNG or JPEG (8 or 16 bit), DICOM files or pydicom Datasets, PIL images or numpy arrays.
+Images may be PNG or JPEG (8 or 16 bit), DICOM files or pydicom Datasets (both need
+`pip install pydicom`), PIL images or numpy arrays.
 
 Without the pipeline, the processor returns `modality_mask`, a `(batch, 2)` tensor whose column 0 is 1
 where the X-ray is present and column 1 is 1 where the text is. The model routes each row to the head
