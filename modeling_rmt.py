@@ -405,6 +405,11 @@ class RMTModel(RMTPreTrainedModel):
             raise ValueError("RMT needs input_ids, pixel_values or both; got neither.")
         reference = input_ids if input_ids is not None else pixel_values
         batch_size, device = reference.shape[0], reference.device
+        check_batch_sizes(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, modality_mask=modality_mask
+        )
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
 
         if modality_mask is None:
             modality_mask = torch.tensor([pixel_values is not None, input_ids is not None], device=device)
@@ -421,6 +426,29 @@ class RMTModel(RMTPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         return input_ids, attention_mask, modality_mask
 
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError for ids outside the vocabulary or text longer than the encoder's position embeddings."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"input_ids contain {input_ids.min().item()}..{input_ids.max().item()}, outside the vocabulary "
+                f"[0, {vocab_size}). Use the tokenizer saved with this model."
+            )
+        max_positions = self.config.text_config.max_position_embeddings
+        if input_ids.shape[1] > max_positions:
+            raise ValueError(
+                f"Text of {input_ids.shape[1]} tokens exceeds the encoder's {max_positions} position embeddings; "
+                f"tokenize with truncation=True and max_length <= {max_positions}."
+            )
+
+
+def check_batch_sizes(**inputs: torch.Tensor | None) -> None:
+    """Raise ValueError when the given inputs disagree on the batch size (their first dimension)."""
+    sizes = {name: tensor.shape[0] for name, tensor in inputs.items() if tensor is not None}
+    if len(set(sizes.values())) > 1:
+        details = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"Inputs disagree on the batch size: {details}.")
+
 
 def validate_modality_mask(modality_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Return the modality mask as a `(batch, 2)` bool tensor; raise `ValueError` on a bad shape or an empty row."""
@@ -428,6 +456,8 @@ def validate_modality_mask(modality_mask: torch.Tensor, batch_size: int) -> torc
         raise ValueError(
             f"modality_mask must have shape (batch_size, 2) = ({batch_size}, 2), got {tuple(modality_mask.shape)}"
         )
+    if not ((modality_mask == 0) | (modality_mask == 1)).all():
+        raise ValueError(f"modality_mask values must be 0 or 1, got {modality_mask.unique().tolist()}")
     modality_mask = modality_mask.bool()
     empty_rows = (~modality_mask.any(dim=1)).nonzero(as_tuple=True)[0].tolist()
     if empty_rows:

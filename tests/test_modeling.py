@@ -333,3 +333,33 @@ def test_per_task_text_tokens_see_image():
 def test_unknown_attention_strategy_raises():
     with pytest.raises(ValueError, match="attention_strategy"):
         tiny_config(attention_strategy="sparse")
+
+
+@pytest.mark.parametrize("value", [2.0, -1.0, 0.5, 0.01, float("nan")])
+def test_modality_mask_non_binary_raises(model, value):
+    batch = random_batch(2, 5, seed=0)
+    batch["modality_mask"] = torch.tensor([[1.0, value], [1.0, 1.0]])
+    with pytest.raises(ValueError, match="0 or 1"):
+        run(model, batch)
+
+
+@pytest.mark.parametrize("key", ["pixel_values", "attention_mask", "modality_mask"])
+def test_batch_size_mismatch_raises(model, key):
+    batch = random_batch(2, 5, seed=0)
+    batch[key] = batch[key][:1]
+    with pytest.raises(ValueError, match="batch size"):
+        run(model, batch)
+
+
+@pytest.mark.parametrize("token_id", [-1, 120, 10**6])
+def test_input_ids_outside_vocabulary_raise(model, token_id):
+    batch = random_batch(2, 5, seed=0)
+    batch["input_ids"][1, 2] = token_id
+    with pytest.raises(ValueError, match="vocabulary"):
+        run(model, batch)
+
+
+def test_text_longer_than_positions_raises(model):
+    batch = random_batch(1, 65, seed=0)
+    with pytest.raises(ValueError, match="position"):
+        run(model, batch)
