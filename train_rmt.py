@@ -172,6 +172,10 @@ class DataArguments:
             raise ValueError("Give at least one of --train_file, --validation_file or --test_file.")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"--on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}.")
+        if self.labels:
+            duplicates = sorted(label for label, count in Counter(self.labels).items() if count > 1)
+            if duplicates:
+                raise ValueError(f"--labels contains duplicates: {duplicates}")
 
 
 @dataclass
@@ -212,7 +216,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    # This script's own summaries (counts per split, label set) show on the main process by default.
+    logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
@@ -268,8 +273,19 @@ def find_pickle_weights(path: Path) -> list[str]:
 
 
 def split_files(data_args: DataArguments) -> dict[str, str]:
+    """Return the absolute path of each given split; raise when a file is missing or given for two splits."""
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-    return {split: os.path.abspath(path) for split, path in files.items() if path is not None}
+    files = {split: os.path.abspath(path) for split, path in files.items() if path is not None}
+    for split, path in files.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{split}_file not found: {path}")
+    splits_of_path: dict[str, list[str]] = {}
+    for split, path in files.items():
+        splits_of_path.setdefault(os.path.realpath(path), []).append(split)
+    for path, splits in splits_of_path.items():
+        if len(splits) > 1:
+            raise ValueError(f"{path} is given for both {' and '.join(splits)}; each split needs its own file.")
+    return files
 
 
 def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_path: str | None) -> list[str]:
@@ -281,7 +297,27 @@ def resolve_labels(data_args: DataArguments, model_args: ModelArguments, train_p
         return [config.id2label[index] for index in range(config.num_labels)]
     if train_path is None:
         raise ValueError("Pass --labels (or --model_name_or_path) when evaluating without a training file.")
-    return infer_labels(read_labels(train_path))
+    return labels_from_training_file(train_path)
+
+
+def labels_from_training_file(train_path: str) -> list[str]:
+    """Return the sorted label set of the training file and log how often each label occurs."""
+    values = [value for value in read_labels(train_path) if value is not None]
+    not_strings = sorted({repr(value) for value in values if not isinstance(value, str)})
+    if not_strings:
+        raise DatasetError(
+            f"{train_path}: labels must be JSON strings, got {', '.join(not_strings)}. "
+            'Write them as strings (e.g. "severe") or pass --labels.'
+        )
+    labels = infer_labels(values)
+    if not labels:
+        raise DatasetError(f"{train_path} contains no labeled records.")
+    counts = Counter(values)
+    logger.warning(
+        f"Labels inferred from the training file, in class-id order: {labels}; records per label "
+        f"{dict(sorted(counts.items()))}. Pass --labels to fix the label set."
+    )
+    return labels
 
 
 def load_splits(files: dict[str, str], label2id: dict[str, int], data_args: DataArguments) -> datasets.DatasetDict:
@@ -683,6 +719,8 @@ def main() -> None:
     labels = resolve_labels(data_args, model_args, files.get("train"))
     id2label = dict(enumerate(labels))
     label2id = {label: index for index, label in id2label.items()}
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False
     positive_label = data_args.positive_label or labels[-1]
     if positive_label not in label2id:
         raise ValueError(f"--positive_label {positive_label!r} is not one of the labels {labels}")

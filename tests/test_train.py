@@ -222,3 +222,55 @@ def test_last_checkpoint_none_in_folder_without_checkpoints(tmp_path):
     (tmp_path / "all_results.json").write_text("{}")
     args = TrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none")
     assert find_last_checkpoint(args) is None
+
+
+def tiny_train_command(data_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO_ROOT / "train_rmt.py"),
+        "--train_file", str(data_dir / "train.jsonl"),
+        "--output_dir", str(tmp_path / "out"), "--do_train", "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_empty_train_file_raises_clearly(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    result = run_command(tiny_train_command(tmp_path, tmp_path), tmp_path)
+    assert result.returncode != 0
+    assert "contains no labeled records" in result.stderr
+
+
+def test_integer_labels_raise_clearly(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"id": "a", "label": 0, "image": None, "text": "cough"}])
+    result = run_command(tiny_train_command(tmp_path, tmp_path), tmp_path)
+    assert result.returncode != 0
+    assert "labels must be JSON strings" in result.stderr
+
+
+def test_duplicate_labels_option_raises(tmp_path):
+    data_dir = bad_dataset(tmp_path, {"id": "x", "label": "mild", "image": None, "text": "cough"})
+    result = run_command(tiny_train_command(data_dir, tmp_path, "--labels", "mild", "severe", "mild"), tmp_path)
+    assert result.returncode != 0
+    assert "--labels contains duplicates: ['mild']" in result.stderr
+
+
+def test_missing_train_file_raises_clearly(tmp_path):
+    result = run_command(tiny_train_command(tmp_path / "nowhere", tmp_path), tmp_path)
+    assert result.returncode != 0
+    assert "--train_file not found" in result.stderr
+
+
+def test_same_file_for_two_splits_raises(tmp_path):
+    data_dir = bad_dataset(tmp_path, {"id": "x", "label": "mild", "image": None, "text": "cough"})
+    command = tiny_train_command(data_dir, tmp_path, "--validation_file", str(data_dir / "train.jsonl"))
+    result = run_command(command, tmp_path)
+    assert result.returncode != 0
+    assert "given for both train and validation" in result.stderr
+
+
+def test_inferred_labels_logged_with_counts(tmp_path):
+    data_dir = bad_dataset(tmp_path, {"id": "x", "label": "moderate", "image": None, "text": "cough"})
+    command = tiny_train_command(data_dir, tmp_path, "--max_steps", "0")
+    result = run_command(command, tmp_path)
+    assert "Labels inferred from the training file" in result.stdout + result.stderr
+    assert "'moderate': 1" in result.stdout + result.stderr
