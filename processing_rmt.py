@@ -106,6 +106,8 @@ def _array_to_grayscale(array: np.ndarray) -> PIL.Image.Image:
     Other integer and float arrays are converted to luma in float and rescaled by `_rescale_to_uint8`.
     A fourth channel is taken as alpha and dropped.
     """
+    if array.size == 0:
+        raise ValueError(f"Image array is empty (shape {array.shape}); an absent image is None, not an empty array.")
     is_numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
     if not is_numeric:
         raise ValueError(f"Image array has unsupported dtype {array.dtype}. Expected an integer or float dtype.")
@@ -441,12 +443,14 @@ def _load_tokenizer(name_or_path: str | os.PathLike, **tokenizer_kwargs: Any) ->
     `vocab.txt` but no `tokenizer.json` or `tokenizer_config.json`, is read as a BERT vocabulary.
     """
     path = Path(name_or_path)
+    # A bare vocabulary carries no length limit; 512 is the position count of the BERT checkpoints.
+    bare_kwargs = {"model_max_length": 512, **tokenizer_kwargs}
     if path.is_file() and path.suffix == ".txt":
-        return BertTokenizer(vocab=str(path), **tokenizer_kwargs)
+        return BertTokenizer(vocab=str(path), **bare_kwargs)
     if path.is_dir():
         has_tokenizer_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
         if (path / "vocab.txt").is_file() and not has_tokenizer_config:
-            return BertTokenizer(vocab=str(path / "vocab.txt"), **tokenizer_kwargs)
+            return BertTokenizer(vocab=str(path / "vocab.txt"), **bare_kwargs)
     return AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
 
 

@@ -513,3 +513,15 @@ def test_auto_processor_fresh_process(english_processor, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert "transformers_modules" in result.stdout
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (5, 0, 3)])
+def test_empty_array_image_raises(image_processor, shape):
+    with pytest.raises(ValueError, match="empty"):
+        image_processor(np.zeros(shape, dtype=np.uint8))
+
+
+def test_bare_vocabulary_tokenizer_truncates_to_512(chinese_vocab_file):
+    processor = RMTProcessor.from_text_model(chinese_vocab_file, image_size=32)
+    batch = processor(text=["咳嗽" * 2000])
+    assert batch["input_ids"].shape == (1, 512)
