@@ -117,6 +117,14 @@ class ModelArguments:
     use_multitask: bool = field(
         default=True, metadata={"help": "Train the image and text heads beside the multimodal head."}
     )
+    attention_strategy: str = field(
+        default="per_task",
+        metadata={
+            "help": "How mask attention runs: 'per_task' (three encoder passes) or 'fused' (one pass with a "
+            "structured mask where only the multimodal CLS sees both modalities).",
+            "choices": ["per_task", "fused"],
+        },
+    )
     allow_pickle_checkpoints: bool = field(
         default=False,
         metadata={
@@ -424,6 +432,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: 
         task_weights=model_args.task_weights,
         use_mask_attention=model_args.use_mask_attention,
         use_multitask=model_args.use_multitask,
+        attention_strategy=model_args.attention_strategy,
         **label_kwargs,
     )
     if not model_args.image_pretrained:

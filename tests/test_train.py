@@ -274,3 +274,18 @@ def test_inferred_labels_logged_with_counts(tmp_path):
     result = run_command(command, tmp_path)
     assert "Labels inferred from the training file" in result.stdout + result.stderr
     assert "'moderate': 1" in result.stdout + result.stderr
+
+
+def test_build_model_applies_attention_strategy(minilm_dir):
+    from train_rmt import DataArguments, ModelArguments, build_model
+
+    model_args = ModelArguments(
+        text_model_name_or_path=str(minilm_dir),
+        config_overrides=TINY_ENCODER,
+        image_model_name="resnet10t",
+        image_pretrained=False,
+        attention_strategy="fused",
+    )
+    data_args = DataArguments(train_file="unused.jsonl", image_size=32)
+    model = build_model(model_args, data_args, {0: "mild", 1: "severe"})
+    assert model.config.attention_strategy == "fused"
