@@ -179,6 +179,8 @@ class RMTEmbeddings(nn.Module):
             batch_size, self.num_image_embeddings, self.hidden_size, device=image_present.device, dtype=dtype
         )
         if pixel_values is not None and image_present.any():
+            # NOTE: in training, one present image whose final feature map is 1x1 (about 32 px for a
+            # ResNet) leaves batch norm one value per channel, and torch raises. Real inputs are larger.
             features = self.image_encoder(pixel_values[image_present])
             image_embeds = image_embeds.index_put((image_present.nonzero(as_tuple=True)[0],), features.to(dtype))
         return image_embeds
