@@ -113,6 +113,7 @@ def test_resume_from_pickle_checkpoint_rejected(tmp_path, monkeypatch):
     checkpoint = tmp_path / "out" / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     (checkpoint / "pytorch_model.bin").write_bytes(b"pickle")
+    (checkpoint / "trainer_state.json").write_text("{}")
     argv = ["train_rmt.py", "--train_file", "unused.jsonl", "--output_dir", str(tmp_path / "out"), "--do_train"]
     monkeypatch.setattr(sys, "argv", argv + ["--report_to", "none"])
 
