@@ -1,11 +1,11 @@
 """RMT, a robust multimodal transformer for pneumonia severity from a chest X-ray and clinical text.
 
 The architecture follows MMBT (Kiela et al., 2019, "Supervised Multimodal Bitransformers for
-Classifying Images and Text"): a CNN feature map is average-pooled into a few regions, each region is
-projected to the width of a BERT encoder, and the resulting image embeddings join the text tokens in
+Classifying Images and Text"). A CNN feature map is average-pooled into a few regions, and each region
+is projected to the width of a BERT encoder. The resulting image embeddings join the text tokens in
 one input sequence. RMT adds three CLS tokens (image, text, multimodal), mask attention, and a
-multi-task loss over one linear head per CLS, so that a sample without its X-ray or its notes is still
-answered by the head that matches the modalities it has.
+multi-task loss over one linear head per CLS. A sample without its X-ray or its notes is then
+classified by the head that matches the modalities it has.
 
 Joint sequence (length 1 + (N + 1) + L, N image embeddings, L text tokens including the text CLS):
 

@@ -85,7 +85,7 @@ EVALUATION_TASKS = {
 
 @dataclass
 class ModelArguments:
-    """Which backbones RMT starts from and how it trains."""
+    """Backbones RMT starts from and settings of its training."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -136,7 +136,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the JSONL splits are and how samples are turned into model inputs."""
+    """JSONL split files and the settings that turn their samples into model inputs."""
 
     train_file: str | None = field(default=None, metadata={"help": "Training JSONL file."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation JSONL file."})

@@ -38,7 +38,7 @@ def tiny_model(seed: int = 0, **overrides) -> RMTForMultimodalClassification:
 def random_batch(
     batch_size: int, text_length: int, seed: int, modality_mask: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Random inputs with padding in some rows; every row has both modalities unless `modality_mask` says otherwise."""
+    """Return random inputs with padding in some rows, and both modalities present unless `modality_mask` is given."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB_SIZE, (batch_size, text_length), generator=generator)
     input_ids[:, 0] = 2
