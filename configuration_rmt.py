@@ -40,6 +40,10 @@ class RMTConfig(PreTrainedConfig):
         image_pretrained (`bool`, *optional*, defaults to `True`):
             Whether `from_backbones` starts the CNN from timm's ImageNet weights. Saved RMT checkpoints carry
             their own CNN weights, so `from_pretrained` never downloads them.
+        freeze_image_backbone (`bool`, *optional*, defaults to `False`):
+            Whether the CNN keeps its weights and its batch-norm statistics during training. The image projection
+            still trains. A frozen CNN maps each image to fixed features, so they can be computed once and read
+            from an `ImageFeatureCache` on later epochs and evaluations.
         num_image_embeddings (`int`, *optional*, defaults to 3):
             Number of image embeddings: the CNN feature map is average-pooled to this many regions.
         image_size (`int`, *optional*, defaults to 224):
@@ -85,6 +89,7 @@ class RMTConfig(PreTrainedConfig):
     text_model_name_or_path: str = "bert-base-chinese"
     image_model_name: str = "resnet152"
     image_pretrained: bool = True
+    freeze_image_backbone: bool = False
     num_image_embeddings: int = 3
     image_size: int = 224
     task_weights: list[float] | tuple[float, ...] = (0.3, 0.3, 0.4)

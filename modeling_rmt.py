@@ -26,10 +26,10 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 try:
-    from .configuration_rmt import RMTConfig
+    from .configuration_rmt import TASKS, RMTConfig
     from .pipeline_rmt import CUSTOM_PIPELINES
 except ImportError:  # imported as a top-level module from a source checkout
-    from configuration_rmt import RMTConfig
+    from configuration_rmt import TASKS, RMTConfig
     from pipeline_rmt import CUSTOM_PIPELINES
 
 IMAGE_PRESENT, TEXT_PRESENT = 0, 1
@@ -63,6 +63,9 @@ class RMTModelOutput(ModelOutput):
             sequence_length)` tensor per layer, returned with `output_attentions=True` and the eager attention.
         modality_mask (`torch.BoolTensor` of shape `(batch_size, 2)`):
             The validated modality mask: column 0 image present, column 1 text present.
+        routed_cls_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            Per sample, the state of the CLS whose head answers it. Returned instead of the three CLS states,
+            the sequence states, the hidden states and the attentions when the model runs with `routed_only=True`.
     """
 
     image_cls_state: torch.FloatTensor | None = None
@@ -72,6 +75,7 @@ class RMTModelOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     modality_mask: torch.BoolTensor | None = None
+    routed_cls_state: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -92,6 +96,8 @@ class RMTClassifierOutput(ModelOutput):
             Text-head logits. For a sample without text they are a constant of the weights.
         multimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Multimodal-head logits, computed with the absent modality masked.
+
+            With `routed_only=True` the three head logits are None: only `logits` is computed.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             See [`RMTModelOutput`].
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -119,7 +125,10 @@ def pooling_grid(num_regions: int) -> tuple[int, int]:
 class RMTImageEncoder(nn.Module):
     """CNN feature map pooled into `num_image_embeddings` regions and projected to the encoder width.
 
-    Equivalent to MMBT's image encoder with any timm backbone in place of the fixed ResNet-152.
+    Equivalent to MMBT's image encoder with any timm backbone in place of the fixed ResNet-152. The pooled
+    regions before the projection are the image features: `(batch, num_image_embeddings, feature_size)`.
+    With `config.freeze_image_backbone` the CNN gets no gradient and stays in eval mode, so an image's
+    features depend on the image and the CNN weights only, and an `ImageFeatureCache` can hold them.
     """
 
     def __init__(self, config: RMTConfig):
@@ -129,14 +138,34 @@ class RMTImageEncoder(nn.Module):
         self.backbone = timm.create_model(config.image_model_name, pretrained=False, num_classes=0, global_pool="")
         self.pool = nn.AdaptiveAvgPool2d(pooling_grid(config.num_image_embeddings))
         self.projection = nn.Linear(self.backbone.num_features, config.hidden_size)
+        self.frozen = config.freeze_image_backbone
         for module in self.backbone.modules():
             module._rmt_timm_initialized = True
+        if self.frozen:
+            self.backbone.requires_grad_(False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Map `(batch, 3, height, width)` pixels to `(batch, num_image_embeddings, hidden_size)`."""
-        feature_map = self.backbone.forward_features(pixel_values)
-        regions = self.pool(feature_map).flatten(2).transpose(1, 2)
-        return self.projection(regions)
+    @property
+    def feature_size(self) -> int:
+        """Channels of the CNN feature map, the last dimension of the image features."""
+        return self.backbone.num_features
+
+    def train(self, mode: bool = True) -> "RMTImageEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Map `(batch, 3, height, width)` pixels to pooled CNN features, `(batch, num_image_embeddings, feature_size)`."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feature_map = self.backbone.forward_features(pixel_values)
+            return self.pool(feature_map).flatten(2).transpose(1, 2)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """Return `(batch, num_image_embeddings, hidden_size)` from pixels, or from precomputed `image_features`."""
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        return self.projection(image_features.to(self.projection.weight.dtype))
 
 
 @dataclass
@@ -149,6 +178,17 @@ class JointSequence:
     key_visible: torch.Tensor
     image_side: slice
     text_side: slice
+
+    def rows(self, selected: torch.Tensor) -> "JointSequence":
+        """Return the sequence of the samples where the `(batch,)` bool tensor `selected` is True."""
+        return JointSequence(
+            self.inputs_embeds[selected],
+            self.token_type_ids[selected],
+            self.position_ids[selected],
+            self.key_visible[selected],
+            self.image_side,
+            self.text_side,
+        )
 
 
 class RMTEmbeddings(nn.Module):
@@ -168,20 +208,26 @@ class RMTEmbeddings(nn.Module):
         self.num_image_embeddings = config.num_image_embeddings
         self.hidden_size = config.hidden_size
 
-    def embed_images(self, pixel_values: torch.Tensor | None, image_present: torch.Tensor) -> torch.Tensor:
+    def embed_images(
+        self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None, image_present: torch.Tensor
+    ) -> torch.Tensor:
         """Return `(batch, N, hidden)` image embeddings, zeros where the image is absent.
 
-        The CNN runs on the present images only, so absent rows never reach its batch-norm statistics.
+        The CNN runs on the present images only, so absent rows never reach its batch-norm statistics. Given
+        `image_features`, the CNN does not run at all.
         """
         batch_size = image_present.shape[0]
         dtype = self.cls_embeddings.weight.dtype
         image_embeds = torch.zeros(
             batch_size, self.num_image_embeddings, self.hidden_size, device=image_present.device, dtype=dtype
         )
-        if pixel_values is not None and image_present.any():
-            # NOTE: in training, one present image whose final feature map is 1x1 (about 32 px for a
-            # ResNet) leaves batch norm one value per channel, and torch raises. Real inputs are larger.
-            features = self.image_encoder(pixel_values[image_present])
+        if image_present.any() and (pixel_values is not None or image_features is not None):
+            if image_features is not None:
+                features = self.image_encoder(image_features=image_features[image_present])
+            else:
+                # NOTE: in training, one present image whose final feature map is 1x1 (about 32 px for a
+                # ResNet) leaves batch norm one value per channel, and torch raises. Real inputs are larger.
+                features = self.image_encoder(pixel_values[image_present])
             image_embeds = image_embeds.index_put((image_present.nonzero(as_tuple=True)[0],), features.to(dtype))
         return image_embeds
 
@@ -191,6 +237,7 @@ class RMTEmbeddings(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
         modality_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
     ) -> JointSequence:
         batch_size, text_length = word_embeds.shape[:2]
         device = word_embeds.device
@@ -199,7 +246,7 @@ class RMTEmbeddings(nn.Module):
 
         cls_ids = torch.tensor([self.MULTIMODAL_CLS, self.IMAGE_CLS], device=device)
         cls_vectors = self.cls_embeddings(cls_ids).unsqueeze(0).expand(batch_size, -1, -1)
-        image_embeds = self.embed_images(pixel_values, image_present)
+        image_embeds = self.embed_images(pixel_values, image_features, image_present)
         text_embeds = word_embeds * text_present[:, None, None].to(cls_vectors.dtype)
         inputs_embeds = torch.cat([cls_vectors, image_embeds, text_embeds], dim=1)
 
@@ -326,6 +373,8 @@ class RMTModel(RMTPreTrainedModel):
         modality_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        routed_only: bool = False,
         **kwargs,
     ) -> RMTModelOutput:
         r"""
@@ -339,18 +388,29 @@ class RMTModel(RMTPreTrainedModel):
             modality_mask (`torch.Tensor` of shape `(batch_size, 2)`, *optional*):
                 Column 0 is 1 where the image is present, column 1 is 1 where the text is present. Defaults
                 to the modalities whose inputs are given. A row with both modalities absent is an error.
+            image_features (`torch.FloatTensor` of shape `(batch_size, num_image_embeddings, feature_size)`, *optional*):
+                Pooled CNN features in place of `pixel_values`, e.g. read from an `ImageFeatureCache`; the CNN
+                then does not run. Rows of absent images are ignored.
+            routed_only (`bool`, *optional*, defaults to `False`):
+                Compute only the CLS state that answers each sample (`routed_cls_state`): the encoder runs
+                only the passes those CLS tokens need, on the samples that need them. For inference.
         """
         input_ids, attention_mask, modality_mask = self._complete_inputs(
-            input_ids, attention_mask, pixel_values, modality_mask
+            input_ids, attention_mask, pixel_values, modality_mask, image_features
         )
         word_embeds = self.get_input_embeddings()(input_ids)
-        sequence = self.embeddings(word_embeds, attention_mask, pixel_values, modality_mask)
-        fused = self.config.use_mask_attention and self.config.attention_strategy == "fused"
-        key_visibility = structured_key_visibility(sequence) if fused else sequence.key_visible[:, None, :]
-        joint = self._encode(sequence, slice(None), output_attentions, output_hidden_states, key_visibility)
-        states = joint.last_hidden_state
+        sequence = self.embeddings(word_embeds, attention_mask, pixel_values, modality_mask, image_features)
+        if routed_only:
+            if output_attentions or output_hidden_states:
+                raise ValueError("routed_only=True returns no attentions or hidden states; run without it for them.")
+            routed_state = self._routed_cls_state(sequence, modality_mask)
+            return RMTModelOutput(routed_cls_state=routed_state, modality_mask=modality_mask)
 
-        if self.config.use_mask_attention and not fused:
+        joint = self._encode(
+            sequence, slice(None), output_attentions, output_hidden_states, self._joint_key_visibility(sequence)
+        )
+        states = joint.last_hidden_state
+        if self.config.use_mask_attention and self.config.attention_strategy == "per_task":
             image_cls_state = self._encode_unimodal(sequence, sequence.image_side)
             text_cls_state = self._encode_unimodal(sequence, sequence.text_side)
         else:
@@ -366,6 +426,43 @@ class RMTModel(RMTPreTrainedModel):
             attentions=getattr(joint, "attentions", None),
             modality_mask=modality_mask,
         )
+
+    def _joint_key_visibility(self, sequence: JointSequence) -> torch.Tensor:
+        """Key visibility of the pass over the whole joint sequence, `(batch, queries or 1, keys)`."""
+        if self.config.use_mask_attention and self.config.attention_strategy == "fused":
+            return structured_key_visibility(sequence)
+        return sequence.key_visible[:, None, :]
+
+    def _routed_cls_state(self, sequence: JointSequence, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Return `(batch, hidden)`: each sample's routed CLS state, from the cheapest pass that gives it exactly.
+
+        With mask attention, the image CLS of an image-only sample comes from the image side alone and the text
+        CLS of a text-only sample from the text side alone; only complete samples run the joint pass. Without
+        mask attention every CLS reads the joint pass, so it runs once for the whole batch.
+        """
+        routed_task = routed_tasks(modality_mask, self.config.use_multitask)
+        if not self.config.use_mask_attention:
+            states = self._encode(sequence, slice(None), key_visibility=self._joint_key_visibility(sequence))
+            cls_positions = torch.tensor(
+                [sequence.image_side.start, sequence.text_side.start, 0], device=routed_task.device
+            )
+            return states.last_hidden_state[torch.arange(len(routed_task)), cls_positions[routed_task]]
+
+        routed_state = sequence.inputs_embeds.new_zeros(len(routed_task), sequence.inputs_embeds.shape[-1])
+        for task, task_name in enumerate(TASKS):
+            selected = routed_task == task
+            if not selected.any():
+                continue
+            part = sequence.rows(selected)
+            if task_name == "image":
+                state = self._encode_unimodal(part, part.image_side)
+            elif task_name == "text":
+                state = self._encode_unimodal(part, part.text_side)
+            else:
+                state = self._encode(part, slice(None), key_visibility=self._joint_key_visibility(part))
+                state = state.last_hidden_state[:, 0]
+            routed_state = routed_state.index_put((selected.nonzero(as_tuple=True)[0],), state)
+        return routed_state
 
     def _encode_unimodal(self, sequence: JointSequence, side: slice) -> torch.Tensor:
         """Encode one modality's side alone and return its CLS state, `(batch, hidden)`."""
@@ -401,23 +498,30 @@ class RMTModel(RMTPreTrainedModel):
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         modality_mask: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fill in omitted inputs and validate the modality mask; return ids, attention mask and modality mask."""
-        if input_ids is None and pixel_values is None:
-            raise ValueError("RMT needs input_ids, pixel_values or both; got neither.")
-        reference = input_ids if input_ids is not None else pixel_values
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Give pixel_values or image_features, not both.")
+        image_input = pixel_values if image_features is None else image_features
+        image_input_name = "pixel_values" if image_features is None else "image_features"
+        if input_ids is None and image_input is None:
+            raise ValueError("RMT needs input_ids, pixel_values (or image_features) or both; got neither.")
+        reference = input_ids if input_ids is not None else image_input
         batch_size, device = reference.shape[0], reference.device
         check_batch_sizes(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, modality_mask=modality_mask
+            input_ids=input_ids, attention_mask=attention_mask, modality_mask=modality_mask, **{image_input_name: image_input}
         )
         if input_ids is not None:
             self._check_token_ids(input_ids)
+        if image_features is not None:
+            self._check_image_features(image_features)
 
         if modality_mask is None:
-            modality_mask = torch.tensor([pixel_values is not None, input_ids is not None], device=device)
+            modality_mask = torch.tensor([image_input is not None, input_ids is not None], device=device)
             modality_mask = modality_mask.expand(batch_size, -1)
         modality_mask = validate_modality_mask(modality_mask, batch_size)
-        if pixel_values is None and modality_mask[:, IMAGE_PRESENT].any():
+        if image_input is None and modality_mask[:, IMAGE_PRESENT].any():
             raise ValueError("modality_mask marks images as present but pixel_values is missing.")
         if input_ids is None and modality_mask[:, TEXT_PRESENT].any():
             raise ValueError("modality_mask marks text as present but input_ids is missing.")
@@ -427,6 +531,16 @@ class RMTModel(RMTPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return input_ids, attention_mask, modality_mask
+
+    def _check_image_features(self, image_features: torch.Tensor) -> None:
+        """Raise ValueError when `image_features` do not have the shape this model's CNN and pooling produce."""
+        image_encoder = self.embeddings.image_encoder
+        expected = (self.config.num_image_embeddings, image_encoder.feature_size)
+        if image_features.dim() != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(
+                f"image_features must have shape (batch_size, {expected[0]}, {expected[1]}) for "
+                f"{self.config.image_model_name} with {expected[0]} image embeddings, got {tuple(image_features.shape)}."
+            )
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """Raise ValueError for ids outside the vocabulary or text longer than the encoder's position embeddings."""
@@ -465,6 +579,21 @@ def validate_modality_mask(modality_mask: torch.Tensor, batch_size: int) -> torc
     if empty_rows:
         raise ValueError(f"Rows {empty_rows} of modality_mask have both the image and the text absent.")
     return modality_mask
+
+
+def routed_tasks(modality_mask: torch.Tensor, use_multitask: bool = True) -> torch.Tensor:
+    """Return `(batch,)` indices into `TASKS` of the head that answers each sample.
+
+    Image-only samples go to the image head, text-only samples to the text head and complete samples to the
+    multimodal head. Without multi-task learning the multimodal head answers every sample.
+    """
+    image_present = modality_mask[:, IMAGE_PRESENT]
+    text_present = modality_mask[:, TEXT_PRESENT]
+    image_task, text_task, multimodal_task = (TASKS.index(task) for task in ("image", "text", "multimodal"))
+    if not use_multitask:
+        return torch.full_like(image_present, multimodal_task, dtype=torch.long)
+    unimodal = torch.where(image_present, image_task, text_task)
+    return torch.where(image_present & text_present, multimodal_task, unimodal)
 
 
 def route_logits(
@@ -533,15 +662,23 @@ class RMTForMultimodalClassification(RMTPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        routed_only: bool = False,
         **kwargs,
     ) -> RMTClassifierOutput:
         r"""
         Args:
-            input_ids, attention_mask, pixel_values, modality_mask:
+            input_ids, attention_mask, pixel_values, modality_mask, image_features:
                 See [`RMTModel.forward`].
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Class ids in `[0, num_labels)`. When given, the multi-task loss is returned.
+            routed_only (`bool`, *optional*, defaults to `False`):
+                Compute only the routed head of each sample: `logits` is the same as without it, the three head
+                logits are None. Batch inference then costs about one joint pass for complete samples and one
+                side pass for unimodal ones. The multi-task loss needs every head, so `labels` are refused.
         """
+        if routed_only and labels is not None:
+            raise ValueError("The multi-task loss needs every head: call with routed_only=False to pass labels.")
         outputs = self.rmt(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -549,12 +686,16 @@ class RMTForMultimodalClassification(RMTPreTrainedModel):
             modality_mask=modality_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            image_features=image_features,
+            routed_only=routed_only,
         )
+        modality_mask = outputs.modality_mask
+        if routed_only:
+            return RMTClassifierOutput(logits=self._routed_logits(outputs.routed_cls_state, modality_mask))
+
         image_logits = self.image_classifier(outputs.image_cls_state)
         text_logits = self.text_classifier(outputs.text_cls_state)
         multimodal_logits = self.multimodal_classifier(outputs.multimodal_cls_state)
-
-        modality_mask = outputs.modality_mask
         if self.config.use_multitask:
             logits = route_logits(image_logits, text_logits, multimodal_logits, modality_mask)
         else:
@@ -573,6 +714,17 @@ class RMTForMultimodalClassification(RMTPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _routed_logits(self, routed_state: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Apply to each sample's routed CLS state the head of its routed task."""
+        routed_task = routed_tasks(modality_mask, self.config.use_multitask)
+        heads = (self.image_classifier, self.text_classifier, self.multimodal_classifier)
+        logits = routed_state.new_zeros(len(routed_task), self.config.num_labels)
+        for task, head in enumerate(heads):
+            selected = routed_task == task
+            if selected.any():
+                logits = logits.index_put((selected.nonzero(as_tuple=True)[0],), head(routed_state[selected]))
+        return logits
 
     def _loss(
         self,
@@ -642,4 +794,5 @@ __all__ = [
     "RMTModelOutput",
     "RMTPreTrainedModel",
     "route_logits",
+    "routed_tasks",
 ]
