@@ -328,6 +328,13 @@ class RMTPreTrainedModel(PreTrainedModel):
         # The relative import of pipeline_rmt above makes `save_pretrained` copy that file beside the model.
         config.custom_pipelines = {**CUSTOM_PIPELINES, **(getattr(config, "custom_pipelines", None) or {})}
 
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        """Checkpoint the encoder layers (transformers) and the stages of a trainable CNN (timm) together."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, RMTImageEncoder) and not module.frozen:
+                module.backbone.set_grad_checkpointing(enable)
+
     def _init_weights(self, module: nn.Module) -> None:
         # The timm backbone keeps timm's own initialization (e.g. zero-initialized last batch norm of each
         # residual block); everything RMT adds uses the normal initializer of the config.
