@@ -64,7 +64,7 @@ class RMTModelOutput(ModelOutput):
         modality_mask (`torch.BoolTensor` of shape `(batch_size, 2)`):
             The validated modality mask: column 0 image present, column 1 text present.
         routed_cls_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
-            Per sample, the state of the CLS whose head answers it. Returned instead of the three CLS states,
+            Per sample, the state of the CLS whose head classifies it. Returned instead of the three CLS states,
             the sequence states, the hidden states and the attentions when the model runs with `routed_only=True`.
     """
 
@@ -400,7 +400,7 @@ class RMTModel(RMTPreTrainedModel):
                 then does not run. Rows of absent images are ignored.
             routed_only (`bool`, *optional*, defaults to `False`):
                 Compute only the CLS state that answers each sample (`routed_cls_state`): the encoder runs
-                only the passes those CLS tokens need, on the samples that need them. For inference.
+                only the passes those CLS tokens need, on the samples that need them. Meant for inference.
         """
         input_ids, attention_mask, modality_mask = self._complete_inputs(
             input_ids, attention_mask, pixel_values, modality_mask, image_features
@@ -443,9 +443,9 @@ class RMTModel(RMTPreTrainedModel):
     def _routed_cls_state(self, sequence: JointSequence, modality_mask: torch.Tensor) -> torch.Tensor:
         """Return `(batch, hidden)`: each sample's routed CLS state, from the cheapest pass that gives it exactly.
 
-        With mask attention, the image CLS of an image-only sample comes from the image side alone and the text
-        CLS of a text-only sample from the text side alone; only complete samples run the joint pass. Without
-        mask attention every CLS reads the joint pass, so it runs once for the whole batch.
+        With mask attention, an image-only sample runs the image side alone and a text-only sample the text side
+        alone. Only complete samples run the joint pass. Without mask attention every CLS reads the joint pass,
+        so it runs once for the whole batch.
         """
         routed_task = routed_tasks(modality_mask, self.config.use_multitask)
         if not self.config.use_mask_attention:
@@ -589,10 +589,10 @@ def validate_modality_mask(modality_mask: torch.Tensor, batch_size: int) -> torc
 
 
 def routed_tasks(modality_mask: torch.Tensor, use_multitask: bool = True) -> torch.Tensor:
-    """Return `(batch,)` indices into `TASKS` of the head that answers each sample.
+    """Return `(batch,)` indices into `TASKS` of the head that classifies each sample.
 
     Image-only samples go to the image head, text-only samples to the text head and complete samples to the
-    multimodal head. Without multi-task learning the multimodal head answers every sample.
+    multimodal head. Without multi-task learning the multimodal head classifies every sample.
     """
     image_present = modality_mask[:, IMAGE_PRESENT]
     text_present = modality_mask[:, TEXT_PRESENT]

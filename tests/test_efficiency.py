@@ -51,18 +51,20 @@ def count_sdpa_calls(monkeypatch):
 
 @PROPERTY_SETTINGS
 @given(modality_mask=modality_masks, seed=st.integers(0, 10_000))
-def test_routed_only_logits_equal_routed_logits_of_every_head(model, modality_mask, seed):
+def test_routed_only_matches_full_forward(model, modality_mask, seed):
     batch = random_batch(len(modality_mask), 7, seed, modality_mask)
     with torch.no_grad():
         full = model(**batch)
         routed = model(**batch, routed_only=True)
     torch.testing.assert_close(routed.logits, full.logits, rtol=0, atol=1e-5)
-    assert routed.image_logits is None and routed.text_logits is None and routed.multimodal_logits is None
+    assert routed.image_logits is None
+    assert routed.text_logits is None
+    assert routed.multimodal_logits is None
 
 
 @PROPERTY_SETTINGS
 @given(modality_mask=modality_masks, seed=st.integers(0, 10_000))
-def test_image_features_give_the_logits_of_their_pixels(model, modality_mask, seed):
+def test_image_features_match_pixels(model, modality_mask, seed):
     batch = random_batch(len(modality_mask), 5, seed, modality_mask)
     with torch.no_grad():
         features = model.rmt.embeddings.image_encoder.image_features(batch["pixel_values"])
@@ -72,7 +74,7 @@ def test_image_features_give_the_logits_of_their_pixels(model, modality_mask, se
         torch.testing.assert_close(from_features[head], from_pixels[head], rtol=0, atol=1e-6)
 
 
-def test_image_features_of_absent_images_are_ignored():
+def test_absent_image_features_ignored():
     model = tiny_model()
     modality_mask = torch.tensor([[1, 1], [0, 1]])
     batch = random_batch(2, 5, 0, modality_mask)
@@ -88,21 +90,21 @@ def test_image_features_of_absent_images_are_ignored():
 @pytest.mark.parametrize(
     "shape", [(2, 4, 512), (2, 3, 100), (2, 512)], ids=["wrong regions", "wrong channels", "missing regions"]
 )
-def test_image_features_of_the_wrong_shape_are_refused(shape):
+def test_wrong_feature_shape_rejected(shape):
     model = tiny_model()
     batch = random_batch(2, 5, 0)
     with pytest.raises(ValueError, match=r"image_features must have shape \(batch_size, 3, 512\)"):
         model(**without_pixels(batch, torch.zeros(shape)))
 
 
-def test_pixels_and_image_features_together_are_refused():
+def test_pixels_and_features_rejected():
     model = tiny_model()
     batch = random_batch(2, 5, 0)
     with pytest.raises(ValueError, match="not both"):
         model(**batch, image_features=torch.zeros(2, 3, 512))
 
 
-def test_routed_only_refuses_labels_and_attention_outputs():
+def test_routed_only_rejects_labels_and_attentions():
     model = tiny_model()
     batch = random_batch(2, 5, 0)
     with pytest.raises(ValueError, match="loss needs every head"):
@@ -115,7 +117,7 @@ def test_routed_only_refuses_labels_and_attention_outputs():
     "use_multitask, expected",
     [(True, ["multimodal", "image", "text"]), (False, ["multimodal", "multimodal", "multimodal"])],
 )
-def test_routed_tasks_follow_the_modality_mask(use_multitask, expected):
+def test_routed_tasks_follow_modality_mask(use_multitask, expected):
     modality_mask = torch.tensor(PATTERNS, dtype=torch.bool)
     assert [TASKS[task] for task in routed_tasks(modality_mask, use_multitask)] == expected
 
@@ -129,7 +131,7 @@ def test_routed_tasks_follow_the_modality_mask(use_multitask, expected):
         ("fused", [(1, 1), (1, 1)], ["joint"]),
     ],
 )
-def test_routed_only_runs_only_the_passes_of_the_routed_heads(monkeypatch, strategy, patterns, expected_passes):
+def test_routed_only_runs_needed_passes(monkeypatch, strategy, patterns, expected_passes):
     model = tiny_model(attention_strategy=strategy)
     text_length, num_layers = 6, model.config.text_config.num_hidden_layers
     image_side, joint = 1 + model.config.num_image_embeddings, 1 + 1 + model.config.num_image_embeddings + 6
@@ -142,7 +144,7 @@ def test_routed_only_runs_only_the_passes_of_the_routed_heads(monkeypatch, strat
 
 
 @pytest.mark.parametrize("strategy, passes", [("per_task", 3), ("fused", 1)])
-def test_every_encoder_pass_runs_sdpa_with_the_mask(monkeypatch, strategy, passes):
+def test_encoder_passes_use_masked_sdpa(monkeypatch, strategy, passes):
     model = tiny_model(attention_strategy=strategy)
     assert model.config._attn_implementation == "sdpa"
     calls = count_sdpa_calls(monkeypatch)
@@ -152,17 +154,18 @@ def test_every_encoder_pass_runs_sdpa_with_the_mask(monkeypatch, strategy, passe
     assert all(call["masked"] for call in calls)
 
 
-def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient():
+def test_frozen_backbone_eval_without_gradient():
     model = tiny_model(freeze_image_backbone=True).train()
     backbone = model.rmt.embeddings.image_encoder.backbone
-    assert not backbone.training and model.rmt.embeddings.image_encoder.projection.training
+    assert not backbone.training
+    assert model.rmt.embeddings.image_encoder.projection.training
     batch = random_batch(4, 5, 0)
     model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     assert all(parameter.grad is None for parameter in backbone.parameters())
     assert model.rmt.embeddings.image_encoder.projection.weight.grad.abs().sum() > 0
 
 
-def test_trainable_backbone_follows_the_model_mode():
+def test_trainable_backbone_follows_mode():
     model = tiny_model().train()
     assert model.rmt.embeddings.image_encoder.backbone.training
 
@@ -183,7 +186,7 @@ def loss_and_gradients(model, batch):
 
 
 @pytest.mark.parametrize("strategy", ["per_task", "fused"])
-def test_activation_checkpointing_keeps_loss_and_gradients(strategy):
+def test_activation_checkpointing_keeps_gradients(strategy):
     model = zero_dropout(tiny_model(attention_strategy=strategy).train())
     batch = random_batch(4, 6, 0, torch.tensor([(1, 1), (1, 0), (0, 1), (1, 1)]))
     batch = {**batch, "pixel_values": torch.randn(4, 3, 64, 64), "labels": torch.tensor([0, 1, 1, 0])}
@@ -202,7 +205,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(strategy):
     assert not model.rmt.embeddings.image_encoder.backbone.grad_checkpointing
 
 
-def test_channels_last_cnn_gives_the_same_logits():
+def test_channels_last_cnn_same_logits():
     model = tiny_model()
     batch = random_batch(3, 5, 0)
     with torch.no_grad():
