@@ -205,9 +205,14 @@ class RMTPipeline(Pipeline):
         )
 
     def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the model; return the routed `logits` (B, num_labels) and the `modality_mask` (B, 2)."""
+        """Run the model; return the routed `logits` (B, num_labels) and the `modality_mask` (B, 2).
+
+        `postprocess` reads only the routed logits, so the model computes each sample's routed head alone
+        (`routed_only=True`). With per-task mask attention, a complete sample then skips the image-side
+        and text-side encoder passes.
+        """
         model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.model.dtype)
-        outputs = self.model(**model_inputs)
+        outputs = self.model(**model_inputs, routed_only=True)
         return {"logits": outputs.logits, "modality_mask": model_inputs["modality_mask"]}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, Any]:

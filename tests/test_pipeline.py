@@ -154,6 +154,75 @@ def test_pipeline_applies_head_temperature(minilm_dir):
     assert list(answer["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
 
 
+INPUT_MODALITIES = {"image": ("image",), "text": ("text",), "image+text": ("image", "text")}
+MODEL_VARIANTS = {
+    "per_task": {},
+    "fused": {"attention_strategy": "fused"},
+    "no_mask_attention": {"use_mask_attention": False},
+    "no_multitask": {"use_multitask": False},
+}
+HEAD_TEMPERATURES = {"image": 2.0, "text": 3.0, "multimodal": 0.5}
+
+
+def pipeline_input(modalities: str, xray: Path) -> dict:
+    values = {"image": xray, "text": NOTE}
+    return {modality: values[modality] for modality in INPUT_MODALITIES[modalities]}
+
+
+def full_forward_result(model, processor, item: dict) -> dict:
+    """Compute the expected pipeline result from a forward pass that computes every head."""
+    batch = processor(images=[item.get("image")], text=[item.get("text")], max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**batch)
+    assert outputs.image_logits is not None
+    head = routed_head(batch["modality_mask"][0], model.config.use_multitask)
+    probabilities = torch.softmax(outputs.logits[0] / model.config.temperatures[head], dim=-1).tolist()
+    return {"head": head, "probabilities": dict(zip(["mild", "severe"], probabilities))}
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+@pytest.mark.parametrize("modalities", list(INPUT_MODALITIES))
+def test_pipeline_matches_full_forward(minilm_dir, xray, variant, modalities):
+    model = tiny_classifier(temperatures=HEAD_TEMPERATURES, **MODEL_VARIANTS[variant])
+    processor = tiny_processor(minilm_dir)
+    item = pipeline_input(modalities, xray)
+
+    result = RMTPipeline(model=model, processor=processor, device="cpu")(item)
+    expected = full_forward_result(model, processor, item)
+
+    assert result["head"] == expected["head"]
+    assert result["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+    assert result["label"] == max(expected["probabilities"], key=expected["probabilities"].get)
+
+
+def count_encoder_calls(model) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    calls = []
+    handle = model.rmt.encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls, handle
+
+
+def test_full_forward_runs_three_passes(classifier, xray):
+    batch = classifier.processor(images=[xray], text=[NOTE], max_length=64, return_tensors="pt")
+    calls, handle = count_encoder_calls(classifier.model)
+    try:
+        with torch.no_grad():
+            classifier.model(**batch)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("modalities", list(INPUT_MODALITIES))
+def test_pipeline_runs_encoder_once(classifier, xray, modalities):
+    assert classifier.model.config.attention_strategy == "per_task"
+    calls, handle = count_encoder_calls(classifier.model)
+    try:
+        classifier(pipeline_input(modalities, xray))
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
 def test_pipeline_rejects_inputs_and_keywords_together(classifier, xray):
     with pytest.raises(ValueError, match="not both"):
         classifier({"image": xray}, text=NOTE)
