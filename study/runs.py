@@ -2,10 +2,13 @@
 
 A *view* is the set of modalities a model is shown for a sample: `image+text`, `image` or `text`
 (see study/visibility.py). A run predicts each test sample under every view its modalities allow
-(a complete sample three times, an image-only sample once), and each validation sample under its
-recorded modalities. All models are in eval mode and score each sample independently of the rest
+(all three for a complete sample, one for an image-only sample), and each validation sample under
+its recorded modalities. All models are in eval mode and score each sample independently of the rest
 of its batch. So the robustness sweeps assemble their predictions from these views without running
 the model again. tests/test_study.py checks this for the RMT variants against a mixed batch.
+
+RMT with mask attention and multi-task learning runs a complete sample once: its image and text
+views are the logits of its image and text heads in the image+text view.
 """
 
 import json
@@ -20,7 +23,9 @@ import datasets
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PredictionOutput
 
+from modeling_rmt import RMTForMultimodalClassification
 from processing_rmt import RMTProcessor
 from study.baselines import (
     ConcatBertClassifier,
@@ -47,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("rmt", "image_cnn", "text_bert", "concat_bert", "tfidf")
 HIDDEN_MODALITY = {VIEW_BOTH: None, VIEW_IMAGE: "text", VIEW_TEXT: "image"}
+# The arrays of a `Trainer.predict` output of RMT's full forward, in the field order of `RMTClassifierOutput`.
+RMT_PREDICTION_FIELDS = ("logits", "image_logits", "text_logits", "multimodal_logits")
+VIEW_LOGIT_FIELDS = {VIEW_BOTH: "logits", VIEW_IMAGE: "image_logits", VIEW_TEXT: "text_logits"}
 
 
 @dataclass(frozen=True)
@@ -226,14 +234,93 @@ def training_view(spec: RunSpec, dataset: datasets.Dataset) -> datasets.Dataset:
 def predict_neural_views(
     trainer: Trainer, dataset: datasets.Dataset, requests: dict[str, list[int]]
 ) -> dict[str, np.ndarray]:
-    """Return `{view: (len(indices), C) probabilities}` with the other modality hidden for unimodal views."""
-    probabilities = {}
-    for view, indices in requests.items():
-        subset = with_view(dataset.select(indices), hidden_modality=HIDDEN_MODALITY[view])
-        prediction = trainer.predict(subset, metric_key_prefix=f"view_{view}")
-        logits = torch.as_tensor(routed_logits(prediction), dtype=torch.float32)
-        probabilities[view] = logits.softmax(dim=-1).numpy()
-    return probabilities
+    """Return `{view: (len(indices), C) probabilities}` with the other modality hidden for unimodal views.
+
+    RMT with mask attention and multi-task learning predicts the complete samples once and reads their
+    image and text views from the image and text heads (see `predict_views_from_heads`). Every other
+    model predicts each view separately.
+    """
+    if VIEW_BOTH in requests and heads_match_unimodal_views(trainer.model):
+        logits = predict_views_from_heads(trainer, dataset, requests)
+    else:
+        logits = predict_each_view(trainer, dataset, requests)
+    return {view: torch.as_tensor(values).softmax(dim=-1).numpy() for view, values in logits.items()}
+
+
+def heads_match_unimodal_views(model: torch.nn.Module) -> bool:
+    """Return True when a complete sample's image-head and text-head logits equal its image-view and text-view logits.
+
+    That holds for RMT with mask attention and multi-task learning, with either attention strategy. Mask
+    attention keeps the image CLS and the text CLS from seeing the other modality, so hiding it leaves
+    their states unchanged. With multi-task learning, the model routes image-only and text-only inputs
+    to the image and text heads.
+    """
+    if not isinstance(model, RMTForMultimodalClassification):
+        return False
+    return model.config.use_mask_attention and model.config.use_multitask
+
+
+def predict_view(trainer: Trainer, dataset: datasets.Dataset, view: str, indices: list[int]) -> PredictionOutput:
+    """Predict the samples `indices` of `dataset` in `view`, with the modality the view lacks hidden."""
+    subset = with_view(dataset.select(indices), hidden_modality=HIDDEN_MODALITY[view])
+    return trainer.predict(subset, metric_key_prefix=f"view_{view}")
+
+
+def predict_each_view(
+    trainer: Trainer, dataset: datasets.Dataset, requests: dict[str, list[int]]
+) -> dict[str, np.ndarray]:
+    """Return `{view: (len(indices), C) routed logits}`, one prediction per view."""
+    return {
+        view: np.asarray(routed_logits(predict_view(trainer, dataset, view, indices)), dtype=np.float32)
+        for view, indices in requests.items()
+    }
+
+
+def predict_views_from_heads(
+    trainer: Trainer, dataset: datasets.Dataset, requests: dict[str, list[int]]
+) -> dict[str, np.ndarray]:
+    """Return `{view: (len(indices), C) logits}` for RMT, predicting the complete samples only once.
+
+    The complete samples' prediction gives their image+text view (routed logits), their image view
+    (image-head logits) and their text view (text-head logits). Samples recorded with one modality get
+    a prediction of their own view. `heads_match_unimodal_views` states when this is exact.
+    """
+    complete = requests[VIEW_BOTH]
+    heads = rmt_head_logits(predict_view(trainer, dataset, VIEW_BOTH, complete))
+    row_of_complete = {index: row for row, index in enumerate(complete)}
+
+    logits = {VIEW_BOTH: heads[VIEW_BOTH]}
+    for view in (VIEW_IMAGE, VIEW_TEXT):
+        if view not in requests:
+            continue
+        indices = requests[view]
+        derived = [position for position, index in enumerate(indices) if index in row_of_complete]
+        unimodal = [position for position, index in enumerate(indices) if index not in row_of_complete]
+        view_logits = np.empty((len(indices), heads[view].shape[1]), dtype=np.float32)
+        view_logits[derived] = heads[view][[row_of_complete[indices[position]] for position in derived]]
+        if unimodal:
+            prediction = predict_view(trainer, dataset, view, [indices[position] for position in unimodal])
+            view_logits[unimodal] = routed_logits(prediction)
+        logits[view] = view_logits
+    return logits
+
+
+def rmt_head_logits(prediction: PredictionOutput) -> dict[str, np.ndarray]:
+    """Return the `(N, C)` logits of each view's head from a `Trainer.predict` output of RMT's full forward.
+
+    Trainer collects the fields of `RMTClassifierOutput` that are not None, minus the loss, in field
+    order: `logits` (routed), `image_logits`, `text_logits`, `multimodal_logits`. The view image+text
+    takes the routed logits, which are the multimodal head's for a complete sample.
+    """
+    predictions = prediction.predictions
+    if not isinstance(predictions, tuple) or len(predictions) != len(RMT_PREDICTION_FIELDS):
+        count = len(predictions) if isinstance(predictions, tuple) else 1
+        raise ValueError(
+            f"Expected RMT predictions with the fields {RMT_PREDICTION_FIELDS}, got {count} array(s). "
+            "Predict with the full forward, without routed_only, hidden states or attentions."
+        )
+    by_field = dict(zip(RMT_PREDICTION_FIELDS, predictions))
+    return {view: np.asarray(by_field[field], dtype=np.float32) for view, field in VIEW_LOGIT_FIELDS.items()}
 
 
 def run_neural(

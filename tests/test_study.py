@@ -5,8 +5,10 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import datasets
 import evaluate
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PredictionOutput
 
 from datasets_scripts.synthetic import make_synthetic_dataset
 from model_card_rmt import load_study_results
@@ -23,11 +27,29 @@ from study.analysis import (
     assemble_probabilities,
     sweep_masks,
 )
-from study.runs import MODEL_RUNS
+from study.runs import (
+    MODEL_RUNS,
+    heads_match_unimodal_views,
+    natural_view,
+    predict_each_view,
+    predict_neural_views,
+    requested_views,
+    rmt_head_logits,
+)
 from study.statistics import METRIC_NAMES, cluster_bootstrap_weights, weighted_scores
-from study.visibility import sweep_views, visibility_mask, visible_count
+from study.visibility import (
+    MODALITIES,
+    VIEW_BOTH,
+    VIEW_IMAGE,
+    VIEW_TEXT,
+    sweep_views,
+    visibility_mask,
+    visible_count,
+)
+from tests.checkpoints import tiny_classifier, tiny_processor
 from tests.conftest import REPO_ROOT
 from tests.tiny import random_batch, tiny_model
+from train_rmt import DataArguments, RMTDataCollator, load_splits
 
 METRIC_DIR = REPO_ROOT / "metrics" / "rmt_classification"
 TEXT_READING_BASELINES = ("bert", "tfidf_random_forest", "tfidf_gradient_boosting")
@@ -252,6 +274,100 @@ def test_view_predictions_match_mixed_batch(overrides):
         for row in range(6):
             alone = model(**trim_to_length(batch, [row])).logits
             assert torch.allclose(alone[0], mixed[row], atol=1e-5), f"row {row}"
+
+
+LABEL2ID = {"mild": 0, "severe": 1}
+PER_VIEW_VARIANTS = {
+    "no_mask_attention": {"use_mask_attention": False},
+    "no_multitask": {"use_multitask": False},
+    "mmbt": {"use_mask_attention": False, "use_multitask": False},
+}
+
+
+@pytest.fixture(scope="module")
+def validation_split(synthetic_dir) -> datasets.Dataset:
+    """The synthetic validation split, which has complete, image-only and text-only samples."""
+    path = str(synthetic_dir / "validation.jsonl")
+    return load_splits({"validation": path}, LABEL2ID, DataArguments(validation_file=path))["validation"]
+
+
+def prediction_trainer(model: torch.nn.Module, minilm_dir: Path, output_dir: Path) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_eval_batch_size=3,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    return Trainer(model=model, args=args, data_collator=RMTDataCollator(tiny_processor(minilm_dir), max_seq_length=64))
+
+
+def record_predict_calls(trainer: Trainer, monkeypatch) -> list[tuple[str, int]]:
+    """Record `(metric_key_prefix, number of samples)` of every later `trainer.predict` call."""
+    calls = []
+    predict = trainer.predict
+
+    def recording_predict(dataset, metric_key_prefix="test", **kwargs):
+        calls.append((metric_key_prefix, len(dataset)))
+        return predict(dataset, metric_key_prefix=metric_key_prefix, **kwargs)
+
+    monkeypatch.setattr(trainer, "predict", recording_predict)
+    return calls
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.as_tensor(logits).softmax(dim=-1).numpy()
+
+
+@pytest.mark.parametrize("every_view", [True, False], ids=["every_view", "recorded_view"])
+@pytest.mark.parametrize("strategy", ["per_task", "fused"])
+def test_rmt_views_from_heads_match_each_view(validation_split, minilm_dir, tmp_path, strategy, every_view):
+    trainer = prediction_trainer(tiny_classifier(seed=2, attention_strategy=strategy), minilm_dir, tmp_path)
+    requests = requested_views(validation_split, MODALITIES, every_view)
+    assert heads_match_unimodal_views(trainer.model)
+
+    from_heads = predict_neural_views(trainer, validation_split, requests)
+    each_view = predict_each_view(trainer, validation_split, requests)
+
+    assert set(from_heads) == set(requests)
+    for view, indices in requests.items():
+        assert from_heads[view].shape == (len(indices), 2), view
+        assert np.allclose(from_heads[view], softmax(each_view[view]), atol=1e-5), view
+
+
+def test_rmt_predicts_complete_samples_once(validation_split, minilm_dir, tmp_path, monkeypatch):
+    trainer = prediction_trainer(tiny_classifier(), minilm_dir, tmp_path)
+    requests = requested_views(validation_split, MODALITIES, every_view=True)
+    recorded = Counter(natural_view(record) for record in validation_split)
+    calls = record_predict_calls(trainer, monkeypatch)
+
+    predict_neural_views(trainer, validation_split, requests)
+
+    assert len(requests[VIEW_IMAGE]) == recorded[VIEW_BOTH] + recorded[VIEW_IMAGE]
+    assert calls == [
+        ("view_image+text", recorded[VIEW_BOTH]),
+        ("view_image", recorded[VIEW_IMAGE]),
+        ("view_text", recorded[VIEW_TEXT]),
+    ]
+
+
+@pytest.mark.parametrize("variant", list(PER_VIEW_VARIANTS))
+def test_rmt_ablations_predict_each_view(validation_split, minilm_dir, tmp_path, monkeypatch, variant):
+    trainer = prediction_trainer(tiny_classifier(**PER_VIEW_VARIANTS[variant]), minilm_dir, tmp_path)
+    requests = requested_views(validation_split, MODALITIES, every_view=True)
+    calls = record_predict_calls(trainer, monkeypatch)
+
+    predict_neural_views(trainer, validation_split, requests)
+
+    assert calls == [(f"view_{view}", len(indices)) for view, indices in requests.items()]
+
+
+def test_rmt_head_logits_rejects_routed_logits_alone():
+    prediction = PredictionOutput(predictions=np.zeros((4, 2)), label_ids=None, metrics=None)
+
+    with pytest.raises(ValueError, match="Expected RMT predictions with the fields"):
+        rmt_head_logits(prediction)
 
 
 # The study on tiny synthetic data
