@@ -62,6 +62,7 @@ from datasets_scripts.validate import (
     read_labels,
     validate_files,
 )
+from feature_cache_rmt import ImageFeatureCache
 from model_card_rmt import CardContext, summarize_split, write_model_card
 from modeling_rmt import RMTForMultimodalClassification
 from processing_rmt import RMTProcessor
@@ -132,6 +133,13 @@ class ModelArguments:
             "resume checkpoint folder has no model.safetensors. Unpickling can run arbitrary code: trusted files only."
         },
     )
+    freeze_image_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the CNN's weights and batch-norm statistics fixed in training (it runs in eval mode); the "
+            "image projection and the rest of RMT still train. Also applies when fine-tuning --model_name_or_path."
+        },
+    )
 
 
 @dataclass
@@ -172,6 +180,15 @@ class DataArguments:
         metadata={
             "help": "Accept image paths that resolve outside the JSONL file's folder (through '..', an absolute "
             "path or a symbolic link)."
+        },
+    )
+    image_feature_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of an on-disk cache of pooled CNN features (see feature_cache_rmt.py), created if missing "
+            "and filled before training. Batches without augmentation then read the features instead of decoding "
+            "X-rays and running the CNN. Training with it needs --freeze_image_backbone. Evaluation works with "
+            "any model."
         },
     )
 
@@ -413,6 +430,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: 
             model_args.model_name_or_path,
             ignore_mismatched_sizes=True,
             use_safetensors=None if model_args.allow_pickle_checkpoints else True,
+            freeze_image_backbone=model_args.freeze_image_backbone,
             **label_kwargs,
         )
 
@@ -433,6 +451,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: 
         use_mask_attention=model_args.use_mask_attention,
         use_multitask=model_args.use_multitask,
         attention_strategy=model_args.attention_strategy,
+        freeze_image_backbone=model_args.freeze_image_backbone,
         **label_kwargs,
     )
     if not model_args.image_pretrained:
@@ -443,6 +462,109 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, id2label: 
     if model_args.image_pretrained:
         model.load_pretrained_image_backbone()
     return model
+
+
+def check_feature_cache_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """Raise ValueError when the run's CNN could give other features than those in `--image_feature_cache`."""
+    if data_args.image_feature_cache is None:
+        return
+    if training_args.do_train and not model_args.freeze_image_backbone:
+        raise ValueError(
+            "--image_feature_cache needs --freeze_image_backbone when training: a trainable CNN changes at every "
+            "step, so its cached features would go stale. Pass --freeze_image_backbone, or drop --image_feature_cache."
+        )
+    if training_args.fp16_full_eval or training_args.bf16_full_eval:
+        raise ValueError(
+            "--image_feature_cache contains float32 CNN features, but --fp16_full_eval and --bf16_full_eval cast the "
+            "CNN to half precision for evaluation. Drop one of the two options."
+        )
+
+
+def log_frozen_backbone(model: RMTForMultimodalClassification) -> None:
+    backbone = model.rmt.embeddings.image_encoder.backbone
+    frozen = sum(parameter.numel() for parameter in backbone.parameters())
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info(
+        f"Image backbone {model.config.image_model_name} is frozen: {frozen:,} of the model's {total:,} parameters "
+        "stay fixed, and its batch norm keeps its running statistics."
+    )
+
+
+def prepare_feature_cache(
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    model: RMTForMultimodalClassification,
+    processor: RMTProcessor,
+    splits: datasets.DatasetDict,
+    last_checkpoint: str | None,
+) -> tuple[ImageFeatureCache | None, list[TrainerCallback]]:
+    """Open and fill `--image_feature_cache`. Return the cache (None without the option) and the callbacks it needs."""
+    if data_args.image_feature_cache is None:
+        return None, []
+    cache = ImageFeatureCache(data_args.image_feature_cache, model, processor)
+    filler = FeatureCacheFiller(cache, splits, cached_splits(data_args, training_args, splits), training_args)
+    filler()
+    callbacks = [FeatureCacheRefillCallback(filler)] if last_checkpoint is not None else []
+    return cache, callbacks
+
+
+def cached_splits(
+    data_args: DataArguments, training_args: TrainingArguments, splits: datasets.DatasetDict
+) -> list[str]:
+    """Return the splits whose batches read the image feature cache: all but an augmented or unused training split."""
+    names = [split for split in splits if split != "train"]
+    if training_args.do_train and data_args.augment:
+        logger.info(
+            "The training split is augmented (--augment true), so its batches read pixels and run the CNN. The "
+            "image feature cache serves the other splits. Pass --augment false to train on cached features."
+        )
+    elif training_args.do_train:
+        names.insert(0, "train")
+    return names
+
+
+@dataclass
+class FeatureCacheFiller:
+    """Fill step of the image feature cache for the images of the cached splits, run on the main process first.
+
+    Other processes of a distributed run wait for the main process, and then find every entry in place.
+    """
+
+    cache: ImageFeatureCache
+    splits: datasets.DatasetDict
+    split_names: list[str]
+    training_args: TrainingArguments
+
+    def __call__(self) -> None:
+        images = {image for split in self.split_names for image in self.splits[split]["image"] if image is not None}
+        with self.training_args.main_process_first(desc="filling the image feature cache"):
+            computed = self.cache.fill(
+                sorted(images),
+                batch_size=self.training_args.per_device_eval_batch_size,
+                device=self.training_args.device,
+                show_progress=not self.training_args.disable_tqdm,
+            )
+        logger.info(
+            f"Image feature cache {self.cache.namespace_dir}: {len(images)} images of the "
+            f"{', '.join(self.split_names)} split(s), {computed} newly computed (images with identical content "
+            "share one entry)."
+        )
+
+
+class FeatureCacheRefillCallback(TrainerCallback):
+    """Fill the image feature cache again after Trainer has loaded the checkpoint that training resumes from.
+
+    The cache was filled for the starting model. A checkpoint's frozen CNN usually has the same weights, and
+    then nothing is computed, but one trained with an unfrozen CNN selects another namespace, filled here.
+    """
+
+    def __init__(self, filler: FeatureCacheFiller) -> None:
+        self.filler = filler
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.filler()
 
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments) -> RMTProcessor:
@@ -471,6 +593,9 @@ class RMTDataCollator:
     the global generator only after it has fetched the first batch of the resumed epoch.
     `AugmentationEpochCallback` sets `epoch`.
 
+    With a `feature_cache`, batches without augmentation carry `image_features` read from it in place of
+    `pixel_values`. Augmented batches always read pixels, because cached features have no augmentation.
+
     NOTE: with `--dataloader_persistent_workers`, the workers keep the collator of the first epoch, so
     every epoch repeats its augmentations.
     """
@@ -479,11 +604,23 @@ class RMTDataCollator:
     max_seq_length: int = 128
     seed: int = 0
     epoch: int = 0
+    feature_cache: ImageFeatureCache | None = None
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [None if r["hidden_modality"] == "image" else r["image"] for r in records]
         texts = [None if r["hidden_modality"] == "text" else r["text"] for r in records]
         do_augment = bool(records[0]["augment"])
+        if self.feature_cache is not None and not do_augment:
+            batch = self.cached_feature_batch(images, texts)
+        else:
+            batch = self.pixel_batch(images, texts, records, do_augment)
+        batch["labels"] = torch.tensor([r["label"] for r in records], dtype=torch.long)
+        return batch
+
+    def pixel_batch(
+        self, images: list[str | None], texts: list[str | None], records: list[dict[str, Any]], do_augment: bool
+    ) -> dict[str, torch.Tensor]:
+        """Build the batch with the processor, which decodes each present image into `pixel_values`."""
         with torch.random.fork_rng(devices=[], enabled=do_augment):
             if do_augment:
                 torch.manual_seed(self.augmentation_seed(records))
@@ -496,8 +633,31 @@ class RMTDataCollator:
                 do_augment=do_augment,
                 return_tensors="pt",
             )
-        batch["labels"] = torch.tensor([r["label"] for r in records], dtype=torch.long)
         return dict(batch)
+
+    def cached_feature_batch(self, images: list[str | None], texts: list[str | None]) -> dict[str, torch.Tensor]:
+        """Build the batch with cached `image_features` in place of `pixel_values`, so no image is decoded.
+
+        Text and modality mask are built as `RMTProcessor` builds them: absent text is tokenized as the empty
+        string. An absent or hidden image gets a row of zero features, which the model ignores.
+        """
+        text_present = [has_text(text) for text in texts]
+        text_inputs = self.processor.tokenizer(
+            [text if present else "" for text, present in zip(texts, text_present)],
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_token_type_ids=False,
+            return_tensors="pt",
+        )
+        image_rows = [row for row, image in enumerate(images) if image is not None]
+        image_features = torch.zeros(len(images), *self.feature_cache.feature_shape)
+        if image_rows:
+            image_features[image_rows] = self.feature_cache.load([images[row] for row in image_rows])
+        modality_mask = torch.tensor(
+            [[image is not None, present] for image, present in zip(images, text_present)], dtype=torch.long
+        )
+        return {**text_inputs, "image_features": image_features, "modality_mask": modality_mask}
 
     def augmentation_seed(self, records: list[dict[str, Any]]) -> int:
         """Return a 64-bit seed that depends only on the run's seed, the epoch and the batch's record ids."""
@@ -717,6 +877,7 @@ def main() -> None:
     model_args, data_args, training_args, publish_args = parse_args()
     setup_logging(training_args)
     logger.info(f"Training arguments: {training_args}")
+    check_feature_cache_arguments(model_args, data_args, training_args)
     last_checkpoint = find_last_checkpoint(training_args)
     if last_checkpoint is not None:
         check_safetensors_checkpoint(last_checkpoint, model_args.allow_pickle_checkpoints)
@@ -746,13 +907,20 @@ def main() -> None:
         stale = reset_temperatures(model.config)
         if any(value != 1.0 for value in stale.values()):
             logger.info(f"Reset the starting model's temperatures {stale} to 1.0, because training changes the heads.")
+    if model.config.freeze_image_backbone:
+        log_frozen_backbone(model)
     processor = build_processor(model_args, data_args)
+    feature_cache, cache_callbacks = prepare_feature_cache(
+        data_args, training_args, model, processor, splits, last_checkpoint
+    )
     metric = load_metric()
     pos_label = label2id[positive_label]
 
     # The collator reads the raw `image` and `text` columns, which are not arguments of the model.
     training_args.remove_unused_columns = False
-    collator = RMTDataCollator(processor, data_args.max_seq_length, seed=training_args.seed)
+    collator = RMTDataCollator(
+        processor, data_args.max_seq_length, seed=training_args.seed, feature_cache=feature_cache
+    )
     trainer = RMTTrainer(
         model=model,
         args=training_args,
@@ -760,7 +928,7 @@ def main() -> None:
         eval_dataset=with_view(splits["validation"]) if "validation" in splits else None,
         processing_class=processor,
         data_collator=collator,
-        callbacks=[AugmentationEpochCallback(collator)],
+        callbacks=[AugmentationEpochCallback(collator), *cache_callbacks],
         compute_metrics=make_compute_metrics(metric, pos_label),
         card_context=build_card_context(model_args, data_args, training_args, splits, model, positive_label),
         study_results=find_study_results(publish_args, training_args.output_dir),
