@@ -140,6 +140,13 @@ class ModelArguments:
             "image projection and the rest of RMT still train. Also applies when fine-tuning --model_name_or_path."
         },
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Store the CNN weights channels-last (NHWC), which cuDNN and oneDNN convolutions often run faster; "
+            "docs/benchmarks.md has a measured ratio. The saved weights are the same."
+        },
+    )
 
 
 @dataclass
@@ -903,6 +910,8 @@ def main() -> None:
     log_split_counts(splits, id2label)
 
     model = build_model(model_args, data_args, id2label)
+    if model_args.channels_last:
+        model.rmt.embeddings.image_encoder.backbone.to(memory_format=torch.channels_last)
     if training_args.do_train:
         stale = reset_temperatures(model.config)
         if any(value != 1.0 for value in stale.values()):

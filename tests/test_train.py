@@ -56,8 +56,14 @@ def synthetic_dir(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, synthetic_dir, minilm_dir):
     output_dir = tmp_path_factory.mktemp("run") / "model"
     command = train_command(
-        synthetic_dir, output_dir, minilm_dir, "--num_train_epochs", "2", "--save_strategy", "epoch"
-    )
+        synthetic_dir,
+        output_dir,
+        minilm_dir,
+        "--num_train_epochs", "2",
+        "--save_strategy", "epoch",
+        "--gradient_checkpointing",
+        "--channels_last",
+    )  # fmt: skip
     result = run_command(command, output_dir.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output_dir, result
