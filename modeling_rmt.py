@@ -156,7 +156,7 @@ class RMTImageEncoder(nn.Module):
         return self
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Map `(batch, 3, height, width)` pixels to pooled CNN features, `(batch, num_image_embeddings, feature_size)`."""
+        """Map `(batch, 3, height, width)` pixels to pooled CNN features, `(batch, N, feature_size)`."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feature_map = self.backbone.forward_features(pixel_values)
             return self.pool(feature_map).flatten(2).transpose(1, 2)
@@ -399,9 +399,9 @@ class RMTModel(RMTPreTrainedModel):
             modality_mask (`torch.Tensor` of shape `(batch_size, 2)`, *optional*):
                 Column 0 is 1 where the image is present, column 1 is 1 where the text is present. Defaults
                 to the modalities whose inputs are given. A row with both modalities absent is an error.
-            image_features (`torch.FloatTensor` of shape `(batch_size, num_image_embeddings, feature_size)`, *optional*):
-                Pooled CNN features in place of `pixel_values`, e.g. read from an `ImageFeatureCache`; the CNN
-                then does not run. Rows of absent images are ignored.
+            image_features (`torch.FloatTensor` of shape `(batch_size, N, feature_size)`, *optional*):
+                Pooled CNN features (N = `config.num_image_embeddings`) in place of `pixel_values`, e.g. read
+                from an `ImageFeatureCache`. The CNN then does not run. Rows of absent images are ignored.
             routed_only (`bool`, *optional*, defaults to `False`):
                 Compute only the CLS state that answers each sample (`routed_cls_state`): the encoder runs
                 only the passes those CLS tokens need, on the samples that need them. Meant for inference.
@@ -521,7 +521,10 @@ class RMTModel(RMTPreTrainedModel):
         reference = input_ids if input_ids is not None else image_input
         batch_size, device = reference.shape[0], reference.device
         check_batch_sizes(
-            input_ids=input_ids, attention_mask=attention_mask, modality_mask=modality_mask, **{image_input_name: image_input}
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            modality_mask=modality_mask,
+            **{image_input_name: image_input},
         )
         if input_ids is not None:
             self._check_token_ids(input_ids)
@@ -550,7 +553,8 @@ class RMTModel(RMTPreTrainedModel):
         if image_features.dim() != 3 or tuple(image_features.shape[1:]) != expected:
             raise ValueError(
                 f"image_features must have shape (batch_size, {expected[0]}, {expected[1]}) for "
-                f"{self.config.image_model_name} with {expected[0]} image embeddings, got {tuple(image_features.shape)}."
+                f"{self.config.image_model_name} with {expected[0]} image embeddings, "
+                f"got {tuple(image_features.shape)}."
             )
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
