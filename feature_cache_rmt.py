@@ -14,8 +14,8 @@ When cached features are valid:
 
 Layout: `cache_dir/<namespace>/<sha256 of the image content>.safetensors`, one float32 tensor per image. The
 namespace is a hash of the image processor's pixel settings and of the CNN (timm model name, number of image
-embeddings, sha256 of the backbone's parameters and buffers), so a change of any of them selects another
-folder, and stale entries are never read. `namespace.json` in each folder records what it was computed from.
+embeddings, sha256 of the backbone's parameters and buffers, timm and torch versions), so a change of any
+of them selects another folder. The NOTE on `ImageFeatureCache` names the weight changes `load` cannot see. `namespace.json` in each folder records what it was computed from.
 Every file is written to a temporary name and renamed into place, so a reader never sees a partial entry.
 Deleting the cache folder, or any file in it, is safe: `load` then raises `FeatureCacheMiss` for the missing
 entries, and the next `fill` recomputes them.
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -189,13 +190,16 @@ class ImageFeatureCache:
         image_processor: RMTImageProcessor | RMTProcessor,
     ) -> None:
         self.cache_dir = Path(cache_dir)
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise ValueError(f"Image feature cache folder {str(self.cache_dir)!r} exists but is not a folder.")
         self.image_encoder = image_encoder_of(model)
         self.config = model.config
         self.image_processor = getattr(image_processor, "image_processor", image_processor)
-        if not isinstance(self.image_processor, RMTImageProcessor):
+        # Duck typing, because `AutoProcessor(..., trust_remote_code=True)` returns classes of a copied module.
+        if not callable(getattr(self.image_processor, "preprocess_image", None)):
             raise TypeError(
-                "image_processor must be an RMTImageProcessor or an RMTProcessor, got "
-                f"{type(image_processor).__name__}."
+                "image_processor must be an RMTImageProcessor or an RMTProcessor (from processing_rmt or from "
+                f"AutoProcessor), got {type(image_processor).__module__}.{type(image_processor).__name__}."
             )
         # The parameter digest is recomputed only when a parameter was replaced or modified in place.
         self._parameters: list[torch.Tensor] = []
@@ -220,6 +224,8 @@ class ImageFeatureCache:
             "image_model_name": self.config.image_model_name,
             "num_image_embeddings": self.config.num_image_embeddings,
             "backbone_sha256": self.backbone_digest(),
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
         }
 
     def backbone_digest(self, rehash: bool = False) -> str:
@@ -270,7 +276,7 @@ class ImageFeatureCache:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        images = list(images)
+        images = image_list(images)
         digests = self._digests(images)
         self.backbone_digest(rehash=True)
         folder = self.namespace_dir
@@ -308,7 +314,7 @@ class ImageFeatureCache:
                 and names `fill` as the call that computes it.
             ValueError, TypeError: as `fill`.
         """
-        images = list(images)
+        images = image_list(images)
         digests = self._digests(images)
         folder = self.namespace_dir
 
@@ -321,8 +327,9 @@ class ImageFeatureCache:
             first = describe_image(images[missing[0]], missing[0])
             others = f" and {len(missing) - 1} more of the {len(images)} images" if len(missing) > 1 else ""
             raise FeatureCacheMiss(
-                f"No cached image features for {first}{others} in {folder} (the namespace of the current image "
-                "processor settings and CNN weights). Call ImageFeatureCache.fill with these images first."
+                f"No valid cached image features for {first}{others} in {folder} (the namespace of the current "
+                "image processor settings and CNN weights): the entry is missing or unreadable. Call "
+                "ImageFeatureCache.fill with these images first; it recomputes such entries."
             )
         if not images:
             return torch.zeros(0, *self.feature_shape)
@@ -343,12 +350,14 @@ class ImageFeatureCache:
         return digests
 
     def _read_entry(self, folder: Path, digest: str) -> torch.Tensor | None:
-        """Return an entry's features, or None when it is missing, unreadable or of the wrong shape or dtype."""
+        """Return an entry's features, or None when it is missing, unreadable, of the wrong shape or dtype, or not finite."""
         try:
             features = load_file(folder / f"{digest}{ENTRY_SUFFIX}").get(FEATURES_KEY)
         except (SafetensorError, OSError):
             return None
         if features is None or features.dtype != torch.float32 or tuple(features.shape) != self.feature_shape:
+            return None
+        if not torch.isfinite(features).all():
             return None
         return features
 
@@ -385,6 +394,13 @@ class ImageFeatureCache:
                 encoder.backbone.to(home)
             for module, training in modes:
                 module.training = training
+
+
+def image_list(images: Iterable[ImageInput]) -> list[ImageInput]:
+    """Return `images` as a list; raise TypeError for one image given in place of a list of them."""
+    if isinstance(images, (str, os.PathLike, PIL.Image.Image, np.ndarray)) or _is_dicom_dataset(images):
+        raise TypeError(f"Expected a list of images, got one {type(images).__name__}. Wrap it in a list.")
+    return list(images)
 
 
 def image_encoder_of(model: nn.Module) -> nn.Module:

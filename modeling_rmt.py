@@ -519,6 +519,10 @@ class RMTModel(RMTPreTrainedModel):
         if input_ids is None and image_input is None:
             raise ValueError("RMT needs input_ids, pixel_values (or image_features) or both; got neither.")
         reference = input_ids if input_ids is not None else image_input
+        if isinstance(reference, torch.Tensor) and reference.shape[0] == 0:
+            raise ValueError("RMT got an empty batch (batch size 0); give at least one sample.")
+        if image_features is not None:
+            self._check_image_features(image_features)
         batch_size, device = reference.shape[0], reference.device
         check_batch_sizes(
             input_ids=input_ids,
@@ -528,8 +532,6 @@ class RMTModel(RMTPreTrainedModel):
         )
         if input_ids is not None:
             self._check_token_ids(input_ids)
-        if image_features is not None:
-            self._check_image_features(image_features)
 
         if modality_mask is None:
             modality_mask = torch.tensor([image_input is not None, input_ids is not None], device=device)
@@ -539,6 +541,11 @@ class RMTModel(RMTPreTrainedModel):
             raise ValueError("modality_mask marks images as present but pixel_values is missing.")
         if input_ids is None and modality_mask[:, TEXT_PRESENT].any():
             raise ValueError("modality_mask marks text as present but input_ids is missing.")
+        if image_features is not None:
+            finite = torch.isfinite(image_features).flatten(1).all(dim=1)
+            bad_rows = (~finite & modality_mask[:, IMAGE_PRESENT]).nonzero(as_tuple=True)[0].tolist()
+            if bad_rows:
+                raise ValueError(f"image_features of present images in rows {bad_rows} contain NaN or infinite values.")
 
         if input_ids is None:
             input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -547,7 +554,11 @@ class RMTModel(RMTPreTrainedModel):
         return input_ids, attention_mask, modality_mask
 
     def _check_image_features(self, image_features: torch.Tensor) -> None:
-        """Raise ValueError when `image_features` do not have the shape this model's CNN and pooling produce."""
+        """Raise ValueError unless `image_features` is a float tensor of the shape this model's CNN and pooling give."""
+        if not isinstance(image_features, torch.Tensor):
+            raise ValueError(f"image_features must be a torch.Tensor, got {type(image_features).__name__}.")
+        if not image_features.is_floating_point():
+            raise ValueError(f"image_features must be floating point, got {image_features.dtype}.")
         image_encoder = self.embeddings.image_encoder
         expected = (self.config.num_image_embeddings, image_encoder.feature_size)
         if image_features.dim() != 3 or tuple(image_features.shape[1:]) != expected:

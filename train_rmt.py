@@ -16,6 +16,7 @@ other modality masked.
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -208,6 +209,9 @@ class DataArguments:
             duplicates = sorted(label for label, count in Counter(self.labels).items() if count > 1)
             if duplicates:
                 raise ValueError(f"--labels contains duplicates: {duplicates}")
+        if self.image_feature_cache is not None and os.path.exists(self.image_feature_cache):
+            if not os.path.isdir(self.image_feature_cache):
+                raise ValueError(f"--image_feature_cache {self.image_feature_cache!r} exists but is not a folder.")
 
 
 @dataclass
@@ -489,6 +493,24 @@ def check_feature_cache_arguments(
         )
 
 
+def check_resume_freeze(last_checkpoint: str, model_args: ModelArguments) -> None:
+    """Raise ValueError when a resumed checkpoint was trained with the other `--freeze_image_backbone` setting.
+
+    The optimizer state of the checkpoint covers its trainable parameters only, so it cannot be resumed
+    with a different set of them.
+    """
+    config_path = Path(last_checkpoint) / "config.json"
+    if not config_path.is_file():
+        return
+    frozen = bool(json.loads(config_path.read_text(encoding="utf-8")).get("freeze_image_backbone", False))
+    if frozen != model_args.freeze_image_backbone:
+        raise ValueError(
+            f"Checkpoint {last_checkpoint} was trained with freeze_image_backbone={frozen}, but this run sets "
+            f"--freeze_image_backbone {str(model_args.freeze_image_backbone).lower()}. Resume with the checkpoint's "
+            "setting, or start a new --output_dir and fine-tune the checkpoint with --model_name_or_path."
+        )
+
+
 def log_frozen_backbone(model: RMTForMultimodalClassification) -> None:
     backbone = model.rmt.embeddings.image_encoder.backbone
     frozen = sum(parameter.numel() for parameter in backbone.parameters())
@@ -520,8 +542,11 @@ def prepare_feature_cache(
 def cached_splits(
     data_args: DataArguments, training_args: TrainingArguments, splits: datasets.DatasetDict
 ) -> list[str]:
-    """Return the splits whose batches read the image feature cache: all but an augmented or unused training split."""
-    names = [split for split in splits if split != "train"]
+    """Return the splits whose batches read the image feature cache.
+
+    These are all splits except an augmented or unused training split and a test split without `--do_predict`.
+    """
+    names = [split for split in splits if split != "train" and (split != "test" or training_args.do_predict)]
     if training_args.do_train and data_args.augment:
         logger.info(
             "The training split is augmented (--augment true), so its batches read pixels and run the CNN. The "
@@ -564,7 +589,8 @@ class FeatureCacheRefillCallback(TrainerCallback):
     """Fill the image feature cache again after Trainer has loaded the checkpoint that training resumes from.
 
     The cache was filled for the starting model. A checkpoint's frozen CNN usually has the same weights, and
-    then nothing is computed, but one trained with an unfrozen CNN selects another namespace, filled here.
+    then nothing is computed. A CNN from another seed or another pretrained start selects another namespace,
+    filled here.
     """
 
     def __init__(self, filler: FeatureCacheFiller) -> None:
@@ -888,6 +914,7 @@ def main() -> None:
     last_checkpoint = find_last_checkpoint(training_args)
     if last_checkpoint is not None:
         check_safetensors_checkpoint(last_checkpoint, model_args.allow_pickle_checkpoints)
+        check_resume_freeze(last_checkpoint, model_args)
     set_seed(training_args.seed)
 
     files = split_files(data_args)
@@ -965,7 +992,8 @@ def main() -> None:
         trainer.create_model_card()
 
     if trainer.is_world_process_zero():
-        print(f"\nModel and processor saved to {os.path.abspath(training_args.output_dir)}")
+        if training_args.do_train or publish_args.calibrate:
+            print(f"\nModel and processor saved to {os.path.abspath(training_args.output_dir)}")
         print(f"Metrics written to {os.path.join(os.path.abspath(training_args.output_dir), 'all_results.json')}")
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path or model_args.text_model_name_or_path)

@@ -75,7 +75,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="Timed rounds per table (median reported).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds before the timed ones.")
     parser.add_argument("--sweep_samples", type=int, default=64, help="Complete samples in the visibility sweep.")
-    parser.add_argument("--tables", type=int, nargs="+", default=[1, 2, 3, 4], help="Tables to print (1-4).")
+    parser.add_argument(
+        "--tables", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4], help="Tables to print."
+    )
     parser.add_argument(
         "--sweep_rounds", type=int, default=3, help="Timed rounds of the sweep table (median reported)."
     )
@@ -85,7 +87,12 @@ def parse_args() -> argparse.Namespace:
         help="Tokenizer folder for the sweep, with a 30522-token vocabulary (default: MiniLM).",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.rounds, args.sweep_rounds) < 1:
+        parser.error("--rounds and --sweep_rounds must be at least 1.")
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the first call of each variant pays one-time setup costs.")
+    return args
 
 
 def build_model(args: argparse.Namespace, variant: str) -> RMTForMultimodalClassification:

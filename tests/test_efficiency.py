@@ -4,6 +4,7 @@ Covered: routed-only inference, precomputed image features, the frozen CNN, acti
 channels-last CNN weights, and SDPA on every encoder pass.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -213,3 +214,37 @@ def test_channels_last_cnn_same_logits():
         model.rmt.embeddings.image_encoder.to(memory_format=torch.channels_last)
         after = model(**batch).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        (np.zeros((2, 3, 512), dtype=np.float32), "must be a torch.Tensor, got ndarray"),
+        (torch.zeros(2, 3, 512, dtype=torch.long), "must be floating point, got torch.int64"),
+    ],
+    ids=["numpy array", "integer tensor"],
+)
+def test_invalid_image_features_rejected(features, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(**without_pixels(random_batch(2, 5, 0), features))
+
+
+def test_non_finite_present_features_rejected():
+    model = tiny_model()
+    batch = random_batch(2, 5, 0, torch.tensor([(1, 1), (0, 1)]))
+    features = torch.zeros(2, 3, 512)
+    features[1] = float("nan")
+    with torch.no_grad():
+        model(**without_pixels(batch, features))
+    features[0, 1, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"rows \[0\] contain NaN or infinite values"):
+        model(**without_pixels(batch, features))
+
+
+@pytest.mark.parametrize("input_name", ["input_ids", "image_features"])
+def test_empty_batch_rejected(input_name):
+    model = tiny_model()
+    inputs = {"input_ids": torch.zeros(0, 5, dtype=torch.long), "image_features": torch.zeros(0, 3, 512)}
+    with pytest.raises(ValueError, match="empty batch"):
+        model(**{input_name: inputs[input_name]})

@@ -559,3 +559,88 @@ def test_resumed_checkpoint_refills_cache(synthetic_dir, minilm_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     namespaces = [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]
     assert len(namespaces) == 2
+
+
+def test_auto_processor_accepted(tmp_path, xray_files, minilm_dir):
+    from transformers import AutoModelForSequenceClassification, AutoProcessor
+
+    folder = tmp_path / "model"
+    tiny_model(seed=1).save_pretrained(folder)
+    RMTProcessor.from_text_model(minilm_dir, image_size=IMAGE_SIZE).save_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(processor).__module__ != RMTProcessor.__module__
+
+    cache = ImageFeatureCache(tmp_path / "cache", model, processor)
+    assert cache.fill(xray_files[:2], show_progress=False) == 2
+    local = ImageFeatureCache(tmp_path / "cache", model, RMTProcessor.from_pretrained(folder))
+    assert local.namespace_dir == cache.namespace_dir
+
+
+def test_non_finite_entry_is_recomputed(tmp_path, model, xray_files):
+    from safetensors.torch import load_file, save_file
+
+    cache = new_cache(tmp_path, model)
+    cache.fill(xray_files[:1], show_progress=False)
+    entry = next(cache.namespace_dir.glob("*.safetensors"))
+    tensors = load_file(entry)
+    save_file({name: torch.full_like(tensor, float("nan")) for name, tensor in tensors.items()}, entry)
+
+    assert xray_files[0] not in cache
+    assert cache.fill(xray_files[:1], show_progress=False) == 1
+    assert torch.isfinite(cache.load(xray_files[:1])).all()
+
+
+def test_library_versions_in_namespace(tmp_path, model, monkeypatch):
+    import timm
+
+    cache = new_cache(tmp_path, model)
+    before = cache.namespace_dir
+    monkeypatch.setattr(timm, "__version__", "0.0.0")
+    assert cache.namespace_dir != before
+
+
+def test_cache_folder_that_is_a_file_raises(tmp_path, model):
+    path = tmp_path / "cache"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match="exists but is not a folder"):
+        new_cache(path, model)
+
+
+@pytest.mark.parametrize("method", ["fill", "load"])
+def test_single_image_not_list_raises(filled_cache, xray_files, method):
+    with pytest.raises(TypeError, match="Expected a list of images, got one"):
+        getattr(filled_cache, method)(str(xray_files[0]))
+
+
+def test_train_arguments_reject_file_as_cache(tmp_path):
+    from train_rmt import DataArguments
+
+    path = tmp_path / "cache"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match="--image_feature_cache .* is not a folder"):
+        DataArguments(train_file="train.jsonl", image_feature_cache=str(path))
+
+
+@pytest.mark.parametrize("checkpoint_frozen, run_frozen", [(False, True), (True, False)])
+def test_resume_freeze_mismatch_raises(tmp_path, checkpoint_frozen, run_frozen):
+    from train_rmt import ModelArguments, check_resume_freeze
+
+    (tmp_path / "config.json").write_text(json.dumps({"freeze_image_backbone": checkpoint_frozen}))
+    with pytest.raises(ValueError, match=f"trained with freeze_image_backbone={checkpoint_frozen}"):
+        check_resume_freeze(str(tmp_path), ModelArguments(freeze_image_backbone=run_frozen))
+    check_resume_freeze(str(tmp_path), ModelArguments(freeze_image_backbone=checkpoint_frozen))
+
+
+@pytest.mark.parametrize("do_predict, expected", [(True, ["validation", "test"]), (False, ["validation"])])
+def test_test_split_needs_do_predict(tmp_path, do_predict, expected):
+    import datasets
+    from transformers import TrainingArguments
+
+    from train_rmt import DataArguments, cached_splits
+
+    splits = datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict({"image": [None]}) for name in ("train", "validation", "test")}
+    )
+    training_args = TrainingArguments(output_dir=str(tmp_path), do_train=False, do_predict=do_predict, report_to="none")
+    assert cached_splits(DataArguments(train_file="train.jsonl"), training_args, splits) == expected

@@ -61,7 +61,7 @@ def trained(tmp_path_factory, synthetic_dir, minilm_dir):
         minilm_dir,
         "--num_train_epochs", "2",
         "--save_strategy", "epoch",
-        "--gradient_checkpointing",
+        "--activation_checkpointing",
         "--channels_last",
     )  # fmt: skip
     result = run_command(command, output_dir.parent)
