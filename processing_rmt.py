@@ -539,6 +539,7 @@ class RMTProcessor(ProcessorMixin):
         truncation: bool | str = True,
         max_length: int | None = None,
         return_tensors: str | TensorType = "pt",
+        return_pixel_values: bool = True,
         **tokenizer_kwargs: Any,
     ) -> BatchFeature:
         """Preprocess a batch of (image, text) rows in which either item may be absent.
@@ -550,6 +551,8 @@ class RMTProcessor(ProcessorMixin):
             do_augment: override the image processor's `do_augment`.
             padding, truncation, max_length: passed to the tokenizer.
             return_tensors: "pt" (default) or "np".
+            return_pixel_values: with False, images only mark their rows as present in `modality_mask` and
+                are not decoded, e.g. when the model reads their features from an `ImageFeatureCache`.
             tokenizer_kwargs: other tokenizer arguments. `return_token_type_ids` defaults to False,
                 so the output contains exactly the four model inputs below.
 
@@ -572,7 +575,6 @@ class RMTProcessor(ProcessorMixin):
         text_present = [_is_text_present(row_text, row) for row, row_text in enumerate(text_rows)]
         self._check_rows_have_input(image_present, text_present)
 
-        pixel_values = self._pixel_values(image_rows, do_augment)
         texts = [row_text if present else "" for row_text, present in zip(text_rows, text_present)]
         tokenizer_kwargs.setdefault("return_token_type_ids", False)
         text_inputs = self.tokenizer(
@@ -585,13 +587,10 @@ class RMTProcessor(ProcessorMixin):
         )
         modality_mask = torch.tensor(list(zip(image_present, text_present)), dtype=torch.long)
 
-        return BatchFeature(
-            data={
-                **text_inputs,
-                "pixel_values": _convert_tensor(pixel_values, return_tensors),
-                "modality_mask": _convert_tensor(modality_mask, return_tensors),
-            }
-        )
+        data = {**text_inputs, "modality_mask": _convert_tensor(modality_mask, return_tensors)}
+        if return_pixel_values:
+            data["pixel_values"] = _convert_tensor(self._pixel_values(image_rows, do_augment), return_tensors)
+        return BatchFeature(data=data)
 
     @staticmethod
     def _align_rows(

@@ -671,26 +671,22 @@ class RMTDataCollator:
     def cached_feature_batch(self, images: list[str | None], texts: list[str | None]) -> dict[str, torch.Tensor]:
         """Build the batch with cached `image_features` in place of `pixel_values`, so no image is decoded.
 
-        Text and modality mask are built as `RMTProcessor` builds them: absent text is tokenized as the empty
-        string. An absent or hidden image gets a row of zero features, which the model ignores.
+        An absent or hidden image gets a row of zero features, which the model ignores.
         """
-        text_present = [has_text(text) for text in texts]
-        text_inputs = self.processor.tokenizer(
-            [text if present else "" for text, present in zip(texts, text_present)],
+        batch = self.processor(
+            images=images,
+            text=texts,
             padding=True,
             truncation=True,
             max_length=self.max_seq_length,
-            return_token_type_ids=False,
             return_tensors="pt",
+            return_pixel_values=False,
         )
         image_rows = [row for row, image in enumerate(images) if image is not None]
         image_features = torch.zeros(len(images), *self.feature_cache.feature_shape)
         if image_rows:
             image_features[image_rows] = self.feature_cache.load([images[row] for row in image_rows])
-        modality_mask = torch.tensor(
-            [[image is not None, present] for image, present in zip(images, text_present)], dtype=torch.long
-        )
-        return {**text_inputs, "image_features": image_features, "modality_mask": modality_mask}
+        return {**batch, "image_features": image_features}
 
     def augmentation_seed(self, records: list[dict[str, Any]]) -> int:
         """Return a 64-bit seed that depends only on the run's seed, the epoch and the batch's record ids."""

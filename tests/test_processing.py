@@ -525,3 +525,17 @@ def test_bare_vocabulary_tokenizer_truncates_to_512(chinese_vocab_file):
     processor = RMTProcessor.from_text_model(chinese_vocab_file, image_size=32)
     batch = processor(text=["咳嗽" * 2000])
     assert batch["input_ids"].shape == (1, 512)
+
+
+def test_processor_without_pixel_values_marks_images_present(minilm_dir, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "xray.png"
+    Image.fromarray(np.full((40, 40), 128, dtype=np.uint8)).save(path)
+    processor = RMTProcessor.from_text_model(minilm_dir, image_size=32)
+    images, texts = [str(path), None, str(path)], ["cough", "fever", None]
+    full = processor(images=images, text=texts)
+    without_pixels = processor(images=images, text=texts, return_pixel_values=False)
+    assert "pixel_values" not in without_pixels
+    for name in ("input_ids", "attention_mask", "modality_mask"):
+        assert torch.equal(without_pixels[name], full[name]), name
