@@ -209,9 +209,9 @@ class DataArguments:
             duplicates = sorted(label for label, count in Counter(self.labels).items() if count > 1)
             if duplicates:
                 raise ValueError(f"--labels contains duplicates: {duplicates}")
-        if self.image_feature_cache is not None and os.path.exists(self.image_feature_cache):
-            if not os.path.isdir(self.image_feature_cache):
-                raise ValueError(f"--image_feature_cache {self.image_feature_cache!r} exists but is not a folder.")
+        cache = self.image_feature_cache
+        if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+            raise ValueError(f"--image_feature_cache {cache!r} exists but is not a folder. Pass a folder path.")
 
 
 @dataclass
